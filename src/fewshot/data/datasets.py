@@ -1,0 +1,232 @@
+"""Few-shot datasets: a decoded store seen through one split's list of classes.
+
+A dataset class is a store class plus a rotation (Omniglot's Vinyals split
+counts each character rotated by 0/90/180/270 degrees as its own class), so
+rotation augmentation costs no memory. ``load_dataset`` is the one entry point
+that turns a dataset name and split into something episodes can be drawn from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fewshot.data import paths
+from fewshot.data.download import Fetch
+from fewshot.data.sources import miniimagenet, omniglot
+from fewshot.data.sources.base import Source
+from fewshot.data.sources.folder import FolderSource
+from fewshot.data.store import Store, load_store
+from fewshot.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from fewshot.errors import DataNotFoundError, FewShotError
+
+ROTATIONS = (0, 90, 180, 270)
+
+
+@dataclass
+class FewShotDataset:
+    """One split of a dataset: ``classes`` index the store, ``rotations`` are quarter turns."""
+
+    name: str
+    split: str
+    store: Store
+    store_class: np.ndarray
+    rotation: np.ndarray
+    class_names: list[str]
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return self.store.image_shape
+
+    @property
+    def counts(self) -> np.ndarray:
+        """Images per dataset class."""
+        return self.store.counts[self.store_class]
+
+    @property
+    def num_images(self) -> int:
+        return int(self.counts.sum())
+
+    def with_rotations(self) -> FewShotDataset:
+        """Each class four times, rotated by 0/90/180/270 degrees: 4x the classes."""
+        k = np.arange(4)
+        return replace(
+            self,
+            store_class=np.repeat(self.store_class, 4),
+            rotation=(np.repeat(self.rotation, 4) + np.tile(k, self.num_classes)) % 4,
+            class_names=[f"{n}/rot{90 * int(r):03d}" for n in self.class_names for r in k],
+        )
+
+    def flat_images(self, max_bytes: int = 2**30) -> tuple[torch.Tensor, np.ndarray] | None:
+        """All images of this split with rotations applied, and each class's first row.
+
+        Rotating once here instead of per episode is what makes sampling fast;
+        returns None (rotate per episode instead) if the copy would exceed ``max_bytes``.
+        """
+        if not self.rotation.any():
+            return self.store.images, self.store.offsets[self.store_class]
+        nbytes = int(self.counts.sum()) * int(np.prod(self.image_shape))
+        if nbytes > max_bytes:
+            return None
+        images = torch.cat([self.class_images(c) for c in range(self.num_classes)])
+        starts = np.concatenate([[0], np.cumsum(self.counts)[:-1]]).astype(np.int64)
+        return images, starts
+
+    def class_images(self, c: int) -> torch.Tensor:
+        """All images of dataset class c, rotated (uint8)."""
+        images = self.store.class_images(int(self.store_class[c]))
+        k = int(self.rotation[c])
+        return torch.rot90(images, k, dims=(-2, -1)) if k else images
+
+
+def _subset(name: str, split: str, store: Store, names: list[str], **norm) -> FewShotDataset:
+    index = {n: i for i, n in enumerate(store.class_names)}
+    missing = [n for n in names if n not in index]
+    if missing:
+        raise DataNotFoundError(
+            f"{name} split {split!r} lists {len(missing)} classes that the data does not have, "
+            f"e.g. {missing[0]!r}."
+        )
+    return FewShotDataset(
+        name=name,
+        split=split,
+        store=store,
+        store_class=np.array([index[n] for n in names], dtype=np.int64),
+        rotation=np.zeros(len(names), dtype=np.int64),
+        class_names=list(names),
+        **norm,
+    )
+
+
+OMNIGLOT_SPLITS = ("background", "evaluation", "train", "val", "test", "trainval")
+DATASETS = {
+    "omniglot": "Omniglot (Lake et al. 2015): 1,623 characters x 20 drawings, 28x28 gray. "
+    "Splits: background, evaluation (Lake), train/val/test/trainval (Vinyals, rotations as classes).",
+    "miniimagenet": "mini-ImageNet (Vinyals et al. 2016), Ravi & Larochelle split: 64/16/20 classes "
+    "x 600 images, 84x84 RGB. Splits: train, val, test.",
+    "folder:DIR": "Your own images: DIR/<class>/<images>; split 'all', or DIR/{train,val,test}/<class>/.",
+}
+
+
+def vinyals_characters(data_root: Path | None, split: str) -> list[str]:
+    """The Vinyals split as class names with rotations, from the data root or the packaged copy."""
+    parts = ("train", "val") if split == "trainval" else (split,)
+    if data_root is not None:
+        folder = next(
+            (
+                f
+                for f in (data_root / "omniglot" / "splits" / "vinyals", data_root / "splits" / "vinyals")
+                if f.is_dir()
+            ),
+            None,
+        )
+        if folder is not None:
+            lines = []
+            for part in parts:
+                lines += (folder / f"{part}.txt").read_text().split()
+            return lines
+    packaged = resources.files("fewshot.data") / "splits" / "omniglot_vinyals"
+    chars = [c for part in parts for c in (packaged / f"{part}.txt").read_text().split()]
+    return [f"{c}/rot{r:03d}" for c in chars for r in ROTATIONS]
+
+
+def _omniglot(split: str, data_root: Path | None, store: Store) -> FewShotDataset:
+    if split in ("background", "evaluation"):
+        return _subset("omniglot", split, store, store.group(split))
+    lines = vinyals_characters(data_root, split)
+    chars = [line.rsplit("/", 1)[0] for line in lines]
+    ds = _subset("omniglot", split, store, chars)
+    ds.rotation = np.array([int(line.rsplit("rot", 1)[1]) // 90 for line in lines], dtype=np.int64)
+    ds.class_names = lines
+    return ds
+
+
+def source_for(
+    name: str,
+    data_root: str | Path | None = None,
+    cache: str | Path | None = None,
+    download: bool = True,
+    fetch: Fetch | None = None,
+    channels: int = 3,
+) -> Source:
+    """The source behind a dataset name (``omniglot``, ``miniimagenet``, ``folder:DIR`` or a folder)."""
+    root = paths.data_root(data_root)
+    if name == "omniglot":
+        return omniglot.locate(root, paths.cache_root(cache), download, fetch)
+    if name == "miniimagenet":
+        return miniimagenet.locate(root)
+    folder = Path(name.removeprefix("folder:"))
+    if name.startswith("folder:") or folder.is_dir():
+        return FolderSource(folder, channels=channels)
+    raise FewShotError(
+        f"Unknown dataset {name!r}. Known: omniglot, miniimagenet, or folder:DIR for a folder "
+        "of class folders (see `fewshot datasets list`)."
+    )
+
+
+def load_dataset(
+    name: str,
+    split: str,
+    data_root: str | Path | None = None,
+    cache: str | Path | None = None,
+    image_size: int | None = None,
+    download: bool = True,
+    rotations: bool = False,
+    mmap: bool = False,
+    channels: int = 3,
+    fetch: Fetch | None = None,
+    progress: bool = True,
+) -> FewShotDataset:
+    """A split of a dataset, decoded (once, then from the cache) and ready for episodes.
+
+    ``rotations=True`` adds the 90/180/270-degree rotations of every class as
+    new classes (Omniglot's Vinyals splits already include them).
+    """
+    source = source_for(name, data_root, cache, download, fetch, channels)
+    root = paths.data_root(data_root)
+    if name == "omniglot":
+        if split not in OMNIGLOT_SPLITS:
+            raise FewShotError(
+                f"Omniglot has no split {split!r}; choose one of {', '.join(OMNIGLOT_SPLITS)}."
+            )
+        store = load_store(source, image_size or 28, paths.cache_root(cache), mmap, progress)
+        ds = _omniglot(split, root, store)
+    elif name == "miniimagenet":
+        if split not in miniimagenet.SPLITS:
+            raise FewShotError(f"mini-ImageNet has no split {split!r}; choose train, val or test.")
+        store = load_store(source, image_size or 84, paths.cache_root(cache), mmap, progress)
+        ds = _subset("miniimagenet", split, store, store.group(split), mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    else:
+        ds = _folder_dataset(source, split, image_size or 84, cache, mmap, progress)  # type: ignore[arg-type]
+    return ds.with_rotations() if rotations else ds
+
+
+def _folder_dataset(
+    source: FolderSource, split: str, image_size: int, cache, mmap: bool, progress: bool
+) -> FewShotDataset:
+    """A folder dataset: ``all`` classes, or the classes of a train/val/test sub-folder."""
+    split_dirs = [d for d in ("train", "val", "test") if (source.root / d).is_dir()]
+    if split_dirs:
+        if split not in split_dirs:
+            raise FewShotError(
+                f"{source.root} has split folders {', '.join(split_dirs)}; no {split!r} split."
+            )
+        source = FolderSource(source.root / split, source.channels, f"{source.name}-{split}")
+    elif split != "all":
+        raise FewShotError(
+            f"{source.root} has no {split!r} sub-folder: a folder of class folders has the one split "
+            "'all'; to use train/val/test, make sub-folders train/, val/, test/ each holding class folders."
+        )
+    store = load_store(source, image_size, paths.cache_root(cache), mmap, progress)
+    norm = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD} if source.channels == 3 else {}
+    return _subset(source.name, split, store, list(store.class_names), **norm)

@@ -1,0 +1,320 @@
+"""Sources, store and dataset views on generated fixtures in each on-disk format."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import os
+import threading
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+from fixtures import image_folder, miniimagenet_root, omniglot_root, omniglot_zip
+
+from fewshot.data import store as store_module
+from fewshot.data.datasets import load_dataset, vinyals_characters
+from fewshot.data.download import md5sum
+from fewshot.data.sources import omniglot
+from fewshot.errors import CorruptDataError, DataNotFoundError, FewShotError
+
+
+def test_omniglot_from_archives(tmp_path):
+    root = omniglot_root(tmp_path / "data")
+    bg = load_dataset("omniglot", "background", data_root=root, progress=False)
+    ev = load_dataset("omniglot", "evaluation", data_root=root, progress=False)
+    assert (bg.num_classes, ev.num_classes) == (5, 2)
+    assert bg.class_names[0] == "Alpha/character01"
+    assert bg.image_shape == (1, 28, 28)
+    images = bg.store.images
+    assert images.dtype == torch.uint8
+    # polarity: ink (a minority of pixels) is bright, the paper is dark
+    assert (images > 127).float().mean() < 0.3
+    assert images.max() == 255
+
+
+def test_omniglot_from_extracted_folders(tmp_path):
+    zipped = omniglot_root(tmp_path / "zipped")
+    root = tmp_path / "extracted" / "omniglot"
+    for part in omniglot.PARTS:
+        with zipfile.ZipFile(zipped / "omniglot" / f"images_{part}.zip") as z:
+            z.extractall(root)
+    a = load_dataset("omniglot", "background", data_root=tmp_path / "extracted", progress=False)
+    b = load_dataset("omniglot", "background", data_root=zipped, progress=False)
+    assert a.class_names == b.class_names
+    assert torch.equal(a.store.images, b.store.images)
+
+
+def test_image_size_is_configurable(tmp_path):
+    root = omniglot_root(tmp_path / "data")
+    ds = load_dataset("omniglot", "background", data_root=root, image_size=14, progress=False)
+    assert ds.image_shape == (1, 14, 14)
+
+
+def test_vinyals_split_from_data_root(tmp_path):
+    root = omniglot_root(tmp_path / "data")
+    folder = root / "omniglot" / "splits" / "vinyals"
+    folder.mkdir(parents=True)
+    (folder / "train.txt").write_text(
+        "Alpha/character01/rot000\nAlpha/character01/rot090\nGamma/character02/rot270\n"
+    )
+    (folder / "val.txt").write_text("Beta/character01/rot180\n")
+    ds = load_dataset("omniglot", "train", data_root=root, progress=False)
+    assert ds.class_names == [
+        "Alpha/character01/rot000",
+        "Alpha/character01/rot090",
+        "Gamma/character02/rot270",
+    ]
+    assert ds.rotation.tolist() == [0, 1, 3]
+    # a rotated class holds the rotated images of its character
+    assert torch.equal(ds.class_images(1), torch.rot90(ds.class_images(0), 1, dims=(-2, -1)))
+    trainval = load_dataset("omniglot", "trainval", data_root=root, progress=False)
+    assert trainval.num_classes == 4
+
+
+def test_packaged_vinyals_split_has_published_sizes():
+    sizes = {s: len(vinyals_characters(None, s)) for s in ("train", "val", "test", "trainval")}
+    assert sizes == {"train": 4112, "val": 688, "test": 1692, "trainval": 4800}
+
+
+def test_split_naming_missing_classes_is_an_error(tmp_path):
+    root = omniglot_root(tmp_path / "data")
+    with pytest.raises(DataNotFoundError, match="lists .* classes that the data does not have"):
+        load_dataset("omniglot", "test", data_root=root, progress=False)  # packaged split, tiny data
+
+
+def test_no_data_says_where_it_looked_and_how_to_supply(tmp_path):
+    with pytest.raises(DataNotFoundError) as err:
+        load_dataset("omniglot", "background", data_root=tmp_path / "empty", download=False)
+    message = str(err.value)
+    assert str(tmp_path / "empty" / "omniglot" / "images_background.zip") in message
+    assert "--data-root" in message and "FEWSHOT_DATA" in message and "download" in message
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def http_root(tmp_path):
+    """A local HTTP server on 127.0.0.1 serving tmp_path/served."""
+    served = tmp_path / "served"
+    served.mkdir()
+    handler = functools.partial(_QuietHandler, directory=str(served))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield served, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_download_on_first_use_checks_md5(http_root, monkeypatch, isolated_cache):
+    served, url = http_root
+    src = omniglot_root(served)
+    md5 = {p: md5sum(src / "omniglot" / f"images_{p}.zip") for p in omniglot.PARTS}
+    monkeypatch.setattr(omniglot, "URL", url + "/omniglot/images_{part}.zip")
+    monkeypatch.setattr(omniglot, "MD5", md5)
+    ds = load_dataset("omniglot", "background", progress=False)
+    assert ds.num_classes == 5
+    downloaded = isolated_cache / "downloads" / "omniglot" / "images_background.zip"
+    assert downloaded.is_file()
+    # a second run uses the earlier download: no server needed
+    monkeypatch.setattr(omniglot, "URL", "http://127.0.0.1:9/nothing/{part}.zip")
+    assert load_dataset("omniglot", "evaluation", progress=False).num_classes == 2
+
+
+def test_corrupt_download_is_rejected_and_not_kept(http_root, monkeypatch, isolated_cache):
+    served, url = http_root
+    omniglot_root(served)
+    monkeypatch.setattr(omniglot, "URL", url + "/omniglot/images_{part}.zip")
+    monkeypatch.setattr(omniglot, "MD5", {p: "0" * 32 for p in omniglot.PARTS})
+    with pytest.raises(CorruptDataError, match="MD5"):
+        load_dataset("omniglot", "background", progress=False)
+    folder = isolated_cache / "downloads" / "omniglot"
+    assert not list(folder.iterdir())
+
+
+def test_failed_download_names_the_ways_to_supply(http_root, monkeypatch):
+    _, url = http_root
+    monkeypatch.setattr(omniglot, "URL", url + "/missing/images_{part}.zip")
+    with pytest.raises(DataNotFoundError, match="(?s)could not be downloaded.*FEWSHOT_DATA"):
+        load_dataset("omniglot", "background", progress=False)
+
+
+def test_injected_fetch_function(tmp_path, isolated_cache):
+    src = omniglot_root(tmp_path / "src")
+    md5 = {p: md5sum(src / "omniglot" / f"images_{p}.zip") for p in omniglot.PARTS}
+
+    def fetch(url: str):
+        part = "background" if "background" in url else "evaluation"
+        return open(src / "omniglot" / f"images_{part}.zip", "rb")
+
+    original = omniglot.MD5
+    omniglot.MD5 = md5
+    try:
+        source = omniglot.locate(None, isolated_cache, allow_download=True, fetch=fetch)
+    finally:
+        omniglot.MD5 = original
+    assert len(source.classes()) == 7
+
+
+def test_truncated_archive_names_the_file(tmp_path):
+    root = omniglot_root(tmp_path / "data")
+    archive = root / "omniglot" / "images_background.zip"
+    data = archive.read_bytes()
+    archive.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CorruptDataError, match="images_background.zip"):
+        load_dataset("omniglot", "background", data_root=root, progress=False)
+
+
+def test_unreadable_image_in_archive_names_the_member(tmp_path):
+    root = omniglot_root(tmp_path / "data")
+    archive = root / "omniglot" / "images_evaluation.zip"
+    with zipfile.ZipFile(archive, "a") as z:
+        z.writestr("images_evaluation/Gamma/character03/9999_01.png", b"not a png at all")
+    with pytest.raises(CorruptDataError, match="character03/9999_01.png"):
+        load_dataset("omniglot", "evaluation", data_root=root, progress=False)
+
+
+def test_folder_dataset(tmp_path):
+    root = image_folder(tmp_path / "mine", {"cat": 3, "dog": 4, "eel": 2}, fmt="jpg")
+    (root / "notes.txt").write_text("not a class")
+    ds = load_dataset(str(root), "all", image_size=8, progress=False)
+    assert ds.class_names == ["cat", "dog", "eel"]
+    assert ds.counts.tolist() == [3, 4, 2]
+    assert ds.image_shape == (3, 8, 8)
+    assert ds.mean is not None  # RGB folders use ImageNet normalisation
+
+
+def test_folder_with_split_subfolders(tmp_path):
+    root = tmp_path / "mine"
+    image_folder(root / "train", {"a": 2, "b": 2})
+    image_folder(root / "test", {"c": 2})
+    assert load_dataset(f"folder:{root}", "test", image_size=8).class_names == ["c"]
+    with pytest.raises(FewShotError, match="no 'val' split"):
+        load_dataset(f"folder:{root}", "val", image_size=8)
+
+
+def test_folder_without_splits_refuses_a_train_split(tmp_path):
+    root = image_folder(tmp_path / "mine", {"a": 2})
+    with pytest.raises(FewShotError, match="one split 'all'"):
+        load_dataset(str(root), "train", image_size=8)
+
+
+def test_unreadable_image_in_folder_names_the_file(tmp_path):
+    root = image_folder(tmp_path / "mine", {"a": 2, "b": 2})
+    (root / "b" / "broken.png").write_bytes(b"\x89PNG garbage")
+    with pytest.raises(CorruptDataError, match=r"b[/\\]broken.png"):
+        load_dataset(str(root), "all", image_size=8, progress=False)
+
+
+def test_empty_folder_is_a_clear_error(tmp_path):
+    (tmp_path / "empty" / "a").mkdir(parents=True)
+    with pytest.raises(DataNotFoundError, match="no class folders with images"):
+        load_dataset(str(tmp_path / "empty"), "all")
+
+
+def test_unknown_dataset_name():
+    with pytest.raises(FewShotError, match="Unknown dataset 'imagenet'"):
+        load_dataset("imagenet", "train")
+
+
+def test_miniimagenet_layout(tmp_path):
+    root = miniimagenet_root(tmp_path / "data")
+    train = load_dataset("miniimagenet", "train", data_root=root, image_size=10, progress=False)
+    test = load_dataset("miniimagenet", "test", data_root=root, image_size=10, progress=False)
+    assert train.class_names == ["n01", "n02", "n03"] and test.class_names == ["n06", "n07"]
+    assert train.image_shape == (3, 10, 10)
+    assert train.counts.tolist() == [4, 4, 4]
+    default = load_dataset("miniimagenet", "val", data_root=root, progress=False)
+    assert default.image_shape == (3, 84, 84)
+
+
+def test_miniimagenet_missing_image_is_named(tmp_path):
+    root = miniimagenet_root(tmp_path / "data")
+    (root / "miniimagenet" / "images" / "n0400000000.jpg").unlink()
+    with pytest.raises(DataNotFoundError, match="n0400000000.jpg"):
+        load_dataset("miniimagenet", "val", data_root=root, image_size=10, progress=False)
+
+
+# --- the store: decode once, cache, rebuild when the source changes ---------------------------
+
+
+def _count_decodes(monkeypatch) -> list[int]:
+    calls = [0]
+    real = store_module.decode
+
+    def counting(*args, **kwargs):
+        calls[0] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(store_module, "decode", counting)
+    return calls
+
+
+def test_second_run_decodes_no_image(tmp_path, monkeypatch):
+    root = omniglot_root(tmp_path / "data")
+    calls = _count_decodes(monkeypatch)
+    first = load_dataset("omniglot", "background", data_root=root, progress=False)
+    assert calls[0] == 7 * 20
+    second = load_dataset("omniglot", "evaluation", data_root=root, progress=False)
+    again = load_dataset("omniglot", "background", data_root=root, mmap=True, progress=False)
+    assert calls[0] == 7 * 20
+    assert second.num_classes == 2
+    assert torch.equal(first.store.images, again.store.images)
+
+
+def test_cache_never_written_into_data_root(tmp_path, isolated_cache):
+    root = omniglot_root(tmp_path / "data")
+    before = sorted(p.relative_to(root) for p in root.rglob("*"))
+    os.chmod(root / "omniglot", 0o555)
+    try:
+        load_dataset("omniglot", "background", data_root=root, progress=False)
+    finally:
+        os.chmod(root / "omniglot", 0o755)
+    assert sorted(p.relative_to(root) for p in root.rglob("*")) == before
+    assert list((isolated_cache / "stores").iterdir())
+
+
+def test_changed_source_rebuilds_cache(tmp_path, monkeypatch, isolated_cache):
+    root = omniglot_root(tmp_path / "data")
+    assert load_dataset("omniglot", "background", data_root=root, progress=False).num_classes == 5
+    archive = root / "omniglot" / "images_background.zip"
+    omniglot_zip(archive, "background", {"Alpha": 3, "Beta": 3})
+    calls = _count_decodes(monkeypatch)
+    assert load_dataset("omniglot", "background", data_root=root, progress=False).num_classes == 6
+    assert calls[0] == 8 * 20
+    assert len(list((isolated_cache / "stores").iterdir())) == 1  # the stale cache is gone
+
+
+def test_truncated_cache_is_rebuilt_not_trusted(tmp_path, monkeypatch, isolated_cache):
+    root = omniglot_root(tmp_path / "data")
+    ds = load_dataset("omniglot", "background", data_root=root, progress=False)
+    images = ds.store.path / "images.npy"
+    images.write_bytes(images.read_bytes()[:1000])
+    calls = _count_decodes(monkeypatch)
+    again = load_dataset("omniglot", "background", data_root=root, progress=False)
+    assert calls[0] == 7 * 20
+    assert torch.equal(again.store.images, ds.store.images)
+
+
+def test_cache_with_foreign_key_is_rebuilt(tmp_path, monkeypatch):
+    root = omniglot_root(tmp_path / "data")
+    ds = load_dataset("omniglot", "background", data_root=root, progress=False)
+    meta = ds.store.path / "meta.json"
+    meta.write_text(meta.read_text().replace(ds.store.key, "0" * 64))
+    calls = _count_decodes(monkeypatch)
+    load_dataset("omniglot", "background", data_root=root, progress=False)
+    assert calls[0] > 0
+
+
+def test_rotation_augmentation_multiplies_classes(tmp_path):
+    root = image_folder(tmp_path / "mine", {"a": 2, "b": 3})
+    ds = load_dataset(str(root), "all", image_size=6, rotations=True, progress=False)
+    assert ds.num_classes == 8
+    assert ds.class_names[:4] == ["a/rot000", "a/rot090", "a/rot180", "a/rot270"]
+    assert torch.equal(ds.class_images(2), torch.rot90(ds.class_images(0), 2, dims=(-2, -1)))
+    assert np.array_equal(ds.counts, [2, 2, 2, 2, 3, 3, 3, 3])
