@@ -7,6 +7,8 @@ Conv-4 is the network of Vinyals et al. (2016) and Finn et al. (2017):
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import nn
 
@@ -69,11 +71,13 @@ class Classifier(nn.Module):
 class MLP(nn.Module):
     """The sinusoid-regression network of the MAML paper: 2 hidden layers of 40, ReLU."""
 
-    def __init__(self, in_features: int = 1, hidden: int = 40, layers: int = 2, out_features: int = 1) -> None:
+    def __init__(
+        self, in_features: int = 1, hidden: int = 40, layers: int = 2, out_features: int = 1
+    ) -> None:
         super().__init__()
         dims = [in_features] + [hidden] * layers
         mods: list[nn.Module] = []
-        for a, b in zip(dims[:-1], dims[1:], strict=True):
+        for a, b in itertools.pairwise(dims):
             mods += [nn.Linear(a, b), nn.ReLU()]
         self.body = nn.Sequential(*mods)
         self.head = nn.Linear(dims[-1], out_features)
