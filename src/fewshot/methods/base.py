@@ -51,6 +51,10 @@ class Method(nn.Module, ABC):
             out.append(predictor(episode.query))
         return torch.stack(out)
 
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Class probabilities from this method's predictor outputs (softmax by default)."""
+        return torch.softmax(logits, dim=-1)
+
     def describe(self) -> dict[str, object]:
         """Settings that results must record (method name, BatchNorm mode, ...)."""
         return {"method": self.name}

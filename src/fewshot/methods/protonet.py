@@ -1,0 +1,288 @@
+"""Prototypical Networks, and the episode plumbing every metric method shares.
+
+Metric methods adapt by embedding the support set once and classify queries
+by comparing embeddings. The helpers here (input checks, one-call embedding
+of a whole batch, per-class aggregation with one-hot products, metrics) are
+shared with ``matching`` and ``relation``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fewshot.data.episodes import EpisodeBatch
+from fewshot.errors import EpisodeError
+from fewshot.methods.base import Method
+
+Distance = Literal["euclidean", "cosine"]
+
+
+# --------------------------------------------------------------------------
+# Shared helpers for metric methods
+# --------------------------------------------------------------------------
+
+
+def count_ways(labels: torch.Tensor) -> int:
+    """Number of classes N, after checking every task's labels are exactly 0..N-1.
+
+    ``labels`` is (S,) for one task or (T, S) for a batch; every task must
+    contain every class at least once, otherwise its prototype (or class
+    feature) would be undefined.
+    """
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise ValueError(f"labels must be an integer tensor, got dtype {labels.dtype}")
+    if labels.numel() == 0:
+        raise EpisodeError("the support set is empty; each episode needs at least one shot")
+    if int(labels.min()) < 0:
+        raise EpisodeError(
+            f"support labels must be 0..N-1, found {int(labels.min())}; remap class ids "
+            "to 0..N-1 per episode (the episode sampler does this)"
+        )
+    ways = int(labels.max()) + 1
+    present = F.one_hot(labels.long(), ways).sum(-2) > 0  # (..., N)
+    if not bool(present.all()):
+        missing = sorted({int(c) for c in (~present).nonzero()[:, -1]})
+        raise EpisodeError(
+            f"support labels must cover every class 0..{ways - 1}, but class(es) {missing} "
+            "have no support example in at least one task; remap labels to 0..N-1 with "
+            "every class present (the episode sampler does this)"
+        )
+    return ways
+
+
+def check_task(support: torch.Tensor, support_labels: torch.Tensor) -> int:
+    """Validate one task's support set (S, *x) and labels (S,); return N."""
+    if support_labels.dim() != 1:
+        raise ValueError(
+            f"support_labels must have shape (S,) for one task, got {tuple(support_labels.shape)}; "
+            "for a batch of tasks use loss() or query_logits() with an EpisodeBatch"
+        )
+    if support.dim() < 2 or support.shape[0] != support_labels.shape[0]:
+        raise ValueError(
+            f"support has shape {tuple(support.shape)} but support_labels has "
+            f"{support_labels.shape[0]} labels; expected support (S, C, H, W) with S labels"
+        )
+    return count_ways(support_labels)
+
+
+def check_batch(batch: EpisodeBatch, with_query_labels: bool = False) -> int:
+    """Validate an EpisodeBatch's shapes and labels; return N."""
+    s, sl, q = batch.support, batch.support_labels, batch.query
+    if sl.dim() != 2 or s.dim() < 3 or s.shape[:2] != sl.shape:
+        raise ValueError(
+            f"batch.support {tuple(s.shape)} and batch.support_labels {tuple(sl.shape)} must be "
+            "(T, S, C, H, W) and (T, S)"
+        )
+    if q.dim() != s.dim() or q.shape[0] != s.shape[0] or q.shape[2:] != s.shape[2:]:
+        raise ValueError(
+            f"batch.query {tuple(q.shape)} must be (T, M, *x) with the same T and example "
+            f"shape as batch.support {tuple(s.shape)}"
+        )
+    ways = count_ways(sl)
+    if with_query_labels:
+        ql = batch.query_labels
+        if ql.shape != q.shape[:2]:
+            raise ValueError(f"batch.query_labels {tuple(ql.shape)} must be (T, M) = {tuple(q.shape[:2])}")
+        if ql.numel() and (int(ql.min()) < 0 or int(ql.max()) >= ways):
+            raise EpisodeError(
+                f"query labels must lie in 0..{ways - 1} (the support set's classes), "
+                f"found {int(ql.min())}..{int(ql.max())}"
+            )
+    return ways
+
+
+def check_query(query: torch.Tensor, example_shape: tuple[int, ...]) -> None:
+    """Reject queries whose example shape differs from the support set's."""
+    if query.dim() != len(example_shape) + 1 or tuple(query.shape[1:]) != example_shape:
+        raise ValueError(
+            f"query must have shape (M, {', '.join(map(str, example_shape))}) like the support "
+            f"set, got {tuple(query.shape)}"
+        )
+
+
+def embed_batch(backbone: nn.Module, batch: EpisodeBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Embed all support and query examples of all tasks in one backbone call.
+
+    Returns support embeddings (T, S, *f) and query embeddings (T, M, *f),
+    where ``f`` is whatever the backbone outputs per example (a vector or a
+    feature map).
+    """
+    t, s = batch.support.shape[:2]
+    m = batch.query.shape[1]
+    z = backbone(torch.cat([batch.support.flatten(0, 1), batch.query.flatten(0, 1)]))
+    return z[: t * s].unflatten(0, (t, s)), z[t * s :].unflatten(0, (t, m))
+
+
+def class_aggregate(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    ways: int,
+    reduce: Literal["mean", "sum"] = "mean",
+) -> torch.Tensor:
+    """Per-class mean (or sum) of embeddings (..., S, *f) -> (..., N, *f).
+
+    A one-hot matrix product, so support order is irrelevant and a whole
+    batch of tasks is one batched matmul.
+    """
+    lead = labels.dim()
+    feat_shape = embeddings.shape[lead:]
+    one_hot = F.one_hot(labels.long(), ways).to(embeddings.dtype)  # (..., S, N)
+    weights = one_hot.transpose(-1, -2)  # (..., N, S)
+    if reduce == "mean":
+        weights = weights / weights.sum(-1, keepdim=True)
+    elif reduce != "sum":
+        raise ValueError(f"reduce must be 'mean' or 'sum', got {reduce!r}")
+    return (weights @ embeddings.flatten(lead)).unflatten(-1, feat_shape)
+
+
+def classification_metrics(
+    logits: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Cross-entropy over logits (..., N) and labels (...), with accuracy."""
+    loss = F.cross_entropy(logits.flatten(0, -2), labels.flatten().long())
+    return loss, {"loss": loss.item(), "accuracy": accuracy(logits, labels)}
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Fraction of queries whose highest logit is the true class."""
+    return (logits.argmax(-1) == labels).float().mean().item()
+
+
+def batchnorm_mode(module: nn.Module) -> str:
+    """How the module's BatchNorm layers normalise, for ``describe()``."""
+    flags = [
+        m.track_running_stats for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+    ]
+    if not flags:
+        return "none"
+    if all(flags):
+        return "running-stats"
+    return "batch-stats" if not any(flags) else "mixed"
+
+
+# --------------------------------------------------------------------------
+# Prototypical Networks
+# --------------------------------------------------------------------------
+
+
+class PrototypePredictor:
+    """Classifies queries by their distance to one task's class prototypes."""
+
+    def __init__(
+        self, method: PrototypicalNetwork, prototypes: torch.Tensor, example_shape: tuple[int, ...]
+    ) -> None:
+        self.method = method
+        self.prototypes = prototypes  # (N, F)
+        self.example_shape = example_shape
+
+    @property
+    def ways(self) -> int:
+        return self.prototypes.shape[0]
+
+    def __call__(self, query: torch.Tensor) -> torch.Tensor:
+        check_query(query, self.example_shape)
+        return self.method.logits(self.method.backbone(query), self.prototypes)
+
+
+class PrototypicalNetwork(Method):
+    """Prototypical Networks (Snell, Swersky & Zemel, NeurIPS 2017, arXiv:1703.05175).
+
+    Each class is represented by the mean embedding of its support examples
+    (its prototype); a query's logit for a class is the negative squared
+    Euclidean distance to that prototype, scaled by ``scale``. With
+    ``distance="cosine"`` the logit is ``scale * cos(query, prototype)``
+    instead; cosine logits live in [-1, 1], so a scale (10 by default, as in
+    Chen et al. 2019 / TADAM) is needed for a confident softmax, and
+    ``learn_scale=True`` makes it a meta-learned temperature.
+
+    Args:
+        backbone: embedding network mapping (B, C, H, W) to (B, F), e.g. Conv4().
+        features: F, recorded by ``describe()`` (optional; not needed to compute).
+        distance: "euclidean" (the paper) or "cosine".
+        scale: logit multiplier; default 1 for euclidean, 10 for cosine.
+        learn_scale: meta-learn the scale (stored as a log so it stays positive).
+
+    BatchNorm in the backbone uses running statistics: batch statistics while
+    meta-training (``train()``), running averages at test time (``eval()``).
+    """
+
+    name = "protonet"
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        features: int | None = None,
+        distance: Distance = "euclidean",
+        scale: float | None = None,
+        learn_scale: bool = False,
+    ) -> None:
+        super().__init__()
+        if distance not in ("euclidean", "cosine"):
+            raise ValueError(f"distance must be 'euclidean' or 'cosine', got {distance!r}")
+        if scale is None:
+            scale = 1.0 if distance == "euclidean" else 10.0
+        if not scale > 0:
+            raise ValueError(f"scale must be positive, got {scale}")
+        self.backbone = backbone
+        self.features = features
+        self.distance: Distance = distance
+        self.learn_scale = learn_scale
+        log_scale = torch.tensor(math.log(scale))
+        if learn_scale:
+            self.log_scale = nn.Parameter(log_scale)
+        else:
+            self.register_buffer("log_scale", log_scale)
+
+    @property
+    def scale(self) -> torch.Tensor:
+        return self.log_scale.exp()
+
+    def logits(self, queries: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
+        """Logits (..., M, N) of query embeddings (..., M, F) against prototypes (..., N, F)."""
+        if self.distance == "cosine":
+            sim = F.normalize(queries, dim=-1) @ F.normalize(prototypes, dim=-1).transpose(-1, -2)
+            return self.scale * sim
+        # ||q - p||^2 = ||q||^2 - 2 q.p + ||p||^2, as one matmul; clamp rounding below zero.
+        sq = (
+            queries.pow(2).sum(-1, keepdim=True)
+            - 2 * queries @ prototypes.transpose(-1, -2)
+            + prototypes.pow(2).sum(-1).unsqueeze(-2)
+        ).clamp_min(0)
+        return -self.scale * sq
+
+    def prototypes(self, embeddings: torch.Tensor, labels: torch.Tensor, ways: int) -> torch.Tensor:
+        """Class means (..., N, F) of support embeddings (..., S, F)."""
+        return class_aggregate(embeddings, labels, ways, "mean")
+
+    def adapt(self, support: torch.Tensor, support_labels: torch.Tensor) -> PrototypePredictor:
+        """Embed the support set once and keep its prototypes."""
+        ways = check_task(support, support_labels)
+        protos = self.prototypes(self.backbone(support), support_labels, ways)
+        return PrototypePredictor(self, protos, tuple(support.shape[1:]))
+
+    def query_logits(self, batch: EpisodeBatch) -> torch.Tensor:
+        """Logits (T, M, N) for every task, from a single backbone call."""
+        ways = check_batch(batch)
+        support, query = embed_batch(self.backbone, batch)
+        return self.logits(query, self.prototypes(support, batch.support_labels, ways))
+
+    def loss(self, batch: EpisodeBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        """Cross-entropy of the queries under the softmax over negative distances."""
+        check_batch(batch, with_query_labels=True)
+        return classification_metrics(self.query_logits(batch), batch.query_labels)
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "method": self.name,
+            "distance": self.distance,
+            "scale": float(self.scale.detach()),
+            "learn_scale": self.learn_scale,
+            "backbone": type(self.backbone).__name__,
+            "features": self.features,
+            "batchnorm": batchnorm_mode(self.backbone),
+        }

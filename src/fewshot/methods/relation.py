@@ -1,0 +1,248 @@
+"""Relation Networks: a learned comparison between query and class feature maps.
+
+Adaptation embeds the support set once into per-class feature maps;
+prediction concatenates each query's feature map with each class's and lets a
+small network score the pair's relation in [0, 1].
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fewshot.data.episodes import EpisodeBatch
+from fewshot.methods.base import Method
+from fewshot.methods.protonet import (
+    accuracy,
+    batchnorm_mode,
+    check_batch,
+    check_query,
+    check_task,
+    class_aggregate,
+    classification_metrics,
+    embed_batch,
+)
+from fewshot.models.backbones import conv_block
+
+RelationLoss = Literal["mse", "ce"]
+Aggregate = Literal["sum", "mean"]
+
+
+def conv_block_no_pool(
+    in_channels: int, out_channels: int, track_running_stats: bool = True
+) -> nn.Sequential:
+    """3x3 conv, BatchNorm, ReLU without pooling: keeps the feature map's size."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1),
+        nn.BatchNorm2d(out_channels, track_running_stats=track_running_stats),
+        nn.ReLU(),
+    )
+
+
+def relation_embedding(in_channels: int = 1, hidden: int = 64) -> nn.Sequential:
+    """The paper's embedding module: Conv-4 whose last two blocks do not pool.
+
+    Its output is a feature map (B, hidden, H/4, W/4), not a vector, so the
+    relation module can compare spatial features.
+    """
+    return nn.Sequential(
+        conv_block(in_channels, hidden),
+        conv_block(hidden, hidden),
+        conv_block_no_pool(hidden, hidden),
+        conv_block_no_pool(hidden, hidden),
+    )
+
+
+class RelationModule(nn.Module):
+    """Scores a concatenated (class, query) feature-map pair: 2 conv blocks + 2 FC layers.
+
+    Returns the pre-sigmoid relation (B,); the sigmoid of it is the paper's
+    relation score in [0, 1].
+    """
+
+    def __init__(
+        self, in_channels: int, map_size: tuple[int, int], hidden: int = 64, fc_hidden: int = 8
+    ) -> None:
+        super().__init__()
+        h, w = map_size[0] // 4, map_size[1] // 4
+        if h == 0 or w == 0:
+            raise ValueError(
+                f"the embedding's {map_size[0]}x{map_size[1]} feature maps are too small for the "
+                "relation module's two 2x2 max-pools (need at least 4x4); use larger images "
+                "or an embedding that pools less"
+            )
+        self.convs = nn.Sequential(conv_block(in_channels, hidden), conv_block(hidden, hidden))
+        self.fc = nn.Sequential(
+            nn.Flatten(), nn.Linear(hidden * h * w, fc_hidden), nn.ReLU(), nn.Linear(fc_hidden, 1)
+        )
+
+    def forward(self, pairs: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.convs(pairs)).squeeze(-1)
+
+
+class RelationPredictor:
+    """Scores queries against one task's class feature maps."""
+
+    def __init__(
+        self, method: RelationNetwork, class_maps: torch.Tensor, example_shape: tuple[int, ...]
+    ) -> None:
+        self.method = method
+        self.class_maps = class_maps  # (N, C, h, w)
+        self.example_shape = example_shape
+
+    @property
+    def ways(self) -> int:
+        return self.class_maps.shape[0]
+
+    def __call__(self, query: torch.Tensor) -> torch.Tensor:
+        check_query(query, self.example_shape)
+        return self.method.output(self.method.relations(self.method.embedding(query), self.class_maps))
+
+
+class RelationNetwork(Method):
+    """Relation Networks (Sung, Yang, Zhang, Xiang, Torr & Hospedales, CVPR 2018,
+    arXiv:1711.06025).
+
+    An embedding module maps images to feature maps; a class's feature map is
+    the sum (the paper, ``aggregate="sum"``) or mean of its support feature
+    maps. Each (class, query) pair is concatenated along channels and scored
+    by a relation module (2 conv blocks, 2 FC layers, sigmoid) in [0, 1].
+
+    With ``loss="mse"`` (the paper) the relation scores are regressed onto
+    the one-hot labels, and the logits returned by predictors and
+    ``query_logits`` are the scores themselves. With ``loss="ce"`` the
+    logits are the pre-sigmoid relations and the loss is cross-entropy; the
+    predicted class is the same either way, as the sigmoid is monotone.
+
+    Args:
+        image_shape: (C, H, W) of the inputs; sizes the relation module.
+        hidden: filters of the default embedding and of the relation convs (64 in the paper).
+        relation_hidden: width of the relation module's hidden FC layer (8 in the paper).
+        embedding: an alternative embedding module mapping (B, C, H, W) to
+            feature maps (B, C', h, w); default: ``relation_embedding(C, hidden)``.
+        aggregate: how K support feature maps form a class feature map.
+        loss: "mse" (the paper) or "ce".
+
+    BatchNorm uses running statistics: batch statistics while meta-training
+    (``train()``), running averages at test time (``eval()``).
+    """
+
+    name = "relation"
+
+    def __init__(
+        self,
+        image_shape: tuple[int, int, int] = (1, 28, 28),
+        hidden: int = 64,
+        relation_hidden: int = 8,
+        embedding: nn.Module | None = None,
+        aggregate: Aggregate = "sum",
+        loss: RelationLoss = "mse",
+    ) -> None:
+        super().__init__()
+        if aggregate not in ("sum", "mean"):
+            raise ValueError(f"aggregate must be 'sum' or 'mean', got {aggregate!r}")
+        if loss not in ("mse", "ce"):
+            raise ValueError(f"loss must be 'mse' or 'ce', got {loss!r}")
+        if len(image_shape) != 3:
+            raise ValueError(f"image_shape must be (C, H, W), got {tuple(image_shape)}")
+        self.image_shape = tuple(image_shape)
+        self.embedding = embedding if embedding is not None else relation_embedding(image_shape[0], hidden)
+        self.feature_shape = self._probe_feature_shape()
+        c, h, w = self.feature_shape
+        self.relation = RelationModule(2 * c, (h, w), hidden, relation_hidden)
+        self.hidden = hidden
+        self.relation_hidden = relation_hidden
+        self.aggregate: Aggregate = aggregate
+        self.loss_kind: RelationLoss = loss
+
+    @torch.no_grad()
+    def _probe_feature_shape(self) -> tuple[int, int, int]:
+        """Feature-map shape of the embedding, found by one forward pass in eval mode."""
+        was_training = self.embedding.training
+        self.embedding.eval()
+        try:
+            out = self.embedding(torch.zeros(1, *self.image_shape))
+        finally:
+            self.embedding.train(was_training)
+        if out.dim() != 4:
+            raise ValueError(
+                "the relation embedding must output feature maps (B, C, h, w), got shape "
+                f"{tuple(out.shape)}; do not flatten (Conv4 flattens: use relation_embedding)"
+            )
+        return (out.shape[1], out.shape[2], out.shape[3])
+
+    def relations(self, query_maps: torch.Tensor, class_maps: torch.Tensor) -> torch.Tensor:
+        """Pre-sigmoid relations (..., M, N) of query maps to class maps.
+
+        Shapes: query_maps (..., M, C, h, w), class_maps (..., N, C, h, w).
+        """
+        *lead, m, c, h, w = query_maps.shape
+        n = class_maps.shape[-4]
+        q = query_maps.unsqueeze(-4).expand(*lead, m, n, c, h, w)
+        p = class_maps.unsqueeze(-5).expand(*lead, m, n, c, h, w)
+        pairs = torch.cat([p, q], dim=-3).reshape(-1, 2 * c, h, w)
+        return self.relation(pairs).view(*lead, m, n)
+
+    def output(self, relations: torch.Tensor) -> torch.Tensor:
+        """The logits this method reports: scores in [0, 1] for mse, raw relations for ce."""
+        return torch.sigmoid(relations) if self.loss_kind == "mse" else relations
+
+    def class_maps(self, support_maps: torch.Tensor, labels: torch.Tensor, ways: int) -> torch.Tensor:
+        """Class feature maps (..., N, C, h, w) from support maps (..., S, C, h, w)."""
+        return class_aggregate(support_maps, labels, ways, self.aggregate)
+
+    def _check_image_shape(self, example_shape: tuple[int, ...]) -> None:
+        if tuple(example_shape) != self.image_shape:
+            raise ValueError(
+                f"this RelationNetwork was built for images of shape {self.image_shape}, got "
+                f"{tuple(example_shape)}; construct it with image_shape={tuple(example_shape)}"
+            )
+
+    def adapt(self, support: torch.Tensor, support_labels: torch.Tensor) -> RelationPredictor:
+        """Embed the support set once into one feature map per class."""
+        ways = check_task(support, support_labels)
+        self._check_image_shape(tuple(support.shape[1:]))
+        maps = self.class_maps(self.embedding(support), support_labels, ways)
+        return RelationPredictor(self, maps, tuple(support.shape[1:]))
+
+    def _batch_relations(self, batch: EpisodeBatch) -> torch.Tensor:
+        ways = check_batch(batch)
+        self._check_image_shape(tuple(batch.support.shape[2:]))
+        support, query = embed_batch(self.embedding, batch)
+        return self.relations(query, self.class_maps(support, batch.support_labels, ways))
+
+    def query_logits(self, batch: EpisodeBatch) -> torch.Tensor:
+        """Logits (T, M, N) for every task, from a single embedding call."""
+        return self.output(self._batch_relations(batch))
+
+    def loss(self, batch: EpisodeBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        """MSE of relation scores against one-hot labels (the paper), or cross-entropy."""
+        ways = check_batch(batch, with_query_labels=True)
+        relations = self._batch_relations(batch)
+        if self.loss_kind == "ce":
+            return classification_metrics(relations, batch.query_labels)
+        target = F.one_hot(batch.query_labels.long(), ways).to(relations.dtype)
+        loss = F.mse_loss(torch.sigmoid(relations), target)
+        return loss, {"loss": loss.item(), "accuracy": accuracy(relations, batch.query_labels)}
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """MSE-trained relation scores are in [0, 1] already: normalise them to sum to one."""
+        if self.loss_kind == "mse":
+            return logits / logits.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+        return torch.softmax(logits, dim=-1)
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "method": self.name,
+            "distance": "learned-relation",
+            "aggregate": self.aggregate,
+            "loss": self.loss_kind,
+            "embedding": type(self.embedding).__name__,
+            "feature_shape": list(self.feature_shape),
+            "hidden": self.hidden,
+            "relation_hidden": self.relation_hidden,
+            "batchnorm": batchnorm_mode(self),
+        }
