@@ -48,7 +48,152 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="episode.png", help="PNG file to write (default: episode.png)")
     _data_options(p)
+
+    p = commands.add_parser("presets", help="list the named presets of published settings")
+
+    p = commands.add_parser("train", help="meta-train a preset or a YAML config, then evaluate it")
+    p.add_argument("config", nargs="?", help="preset name (see `fewshot presets`) or path to a .yaml config")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a setting, e.g. --set train.steps=2000 (repeatable)",
+    )
+    p.add_argument("--run-dir", help="where the run is written (default: runs/<config name>)")
+    p.add_argument(
+        "--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint"
+    )
+    p.add_argument(
+        "--no-eval", dest="evaluate", action="store_false", help="skip the test-set evaluation after training"
+    )
+    p.add_argument("--data-root", help="folder holding the datasets (default: $FEWSHOT_DATA)")
+
+    p = commands.add_parser("eval", help="accuracy with a 95%% CI on fixed test episodes")
+    p.add_argument("checkpoint", help="a run directory (uses its best checkpoint) or a .pt file")
+    p.add_argument("--episodes", type=int)
+    p.add_argument("--ways", type=int)
+    p.add_argument("--shots", type=int)
+    p.add_argument("--queries", type=int)
+    p.add_argument("--split", help="dataset split to evaluate on (default: the config's test split)")
+    p.add_argument("--seed", type=int, help="seed of the fixed episodes (default: the config's eval.seed)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--data-root", help="folder holding the datasets (default: $FEWSHOT_DATA)")
+
+    p = commands.add_parser("predict", help="label query images from a folder of labelled examples")
+    p.add_argument("checkpoint", help="a run directory or a .pt file")
+    p.add_argument("--support", required=True, help="folder of class folders of example images")
+    p.add_argument("--query", required=True, nargs="+", help="query image files or folders")
+    p.add_argument("--json", action="store_true", help="one JSON record per query image")
     return parser
+
+
+def _presets() -> None:
+    from fewshot.config import load_config, preset_names
+
+    rows = []
+    for name in preset_names():
+        c = load_config(name)
+        pub = c.published
+        figure = (
+            f"{pub.accuracy:.2f}%"
+            if pub.accuracy is not None
+            else f"MSE {pub.mse}"
+            if pub.mse is not None
+            else "-"
+        )
+        rows.append((name, c.method.name, f"{c.train.steps}", figure, pub.source))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    header = ("preset", "method", "steps", "published")
+    print(
+        f"{header[0]:{widths[0]}}  {header[1]:{widths[1]}}  {header[2]:>{widths[2]}}  "
+        f"{header[3]:>{widths[3]}}  source"
+    )
+    for r in rows:
+        print(f"{r[0]:{widths[0]}}  {r[1]:{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]:>{widths[3]}}  {r[4]}")
+
+
+def _train(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from fewshot.config import ConfigError, load_config
+    from fewshot.engine.runs import evaluate_run, load_run
+    from fewshot.engine.train import train
+
+    overrides = list(args.overrides)
+    if args.data_root:
+        overrides.append(f"data.data_root={args.data_root}")
+    if args.resume:
+        if not args.run_dir:
+            raise ConfigError("--resume needs --run-dir DIR, the run to continue.")
+        saved = Path(args.run_dir) / "config.yaml"
+        if not saved.is_file():
+            raise ConfigError(f"Nothing to resume: {saved} does not exist.")
+        config = load_config(str(saved), overrides)
+        if args.config:
+            wanted = load_config(args.config, overrides)
+            if wanted.method.name != config.method.name:
+                raise ConfigError(f"{args.run_dir} is a {config.method.name} run, not {wanted.method.name}.")
+    else:
+        if not args.config:
+            raise ConfigError("Name a preset (`fewshot presets` lists them) or a .yaml config to train.")
+        config = load_config(args.config, overrides)
+    run_dir = Path(args.run_dir or Path("runs") / config.name)
+    result = train(config, run_dir, resume=args.resume)
+    best = (
+        ""
+        if result.best_val is None
+        else f", best validation {result.best_val:.4f} at step {result.best_step}"
+    )
+    print(
+        f"trained {config.name}: {result.steps} steps in {result.wall_time_s:.0f} s{best}; run in {run_dir}"
+    )
+    if args.evaluate:
+        outcome = evaluate_run(load_run(run_dir), data_root=args.data_root)
+        (run_dir / "eval.json").write_text(__import__("json").dumps(outcome.to_dict(), indent=2) + "\n")
+        print(f"test {outcome.line()}")
+
+
+def _eval(args: argparse.Namespace) -> None:
+    import json
+
+    from fewshot.engine.runs import evaluate_run, load_run
+
+    outcome = evaluate_run(
+        load_run(args.checkpoint),
+        args.split,
+        args.episodes,
+        args.ways,
+        args.shots,
+        args.queries,
+        args.seed,
+        args.data_root,
+    )
+    print(json.dumps(outcome.to_dict()) if args.json else outcome.line())
+
+
+def _predict(args: argparse.Namespace) -> None:
+    import json
+
+    from fewshot.engine.predict import predict
+    from fewshot.engine.runs import load_run
+
+    run = load_run(args.checkpoint)
+    for p in predict(run.method, run.preprocess, args.support, args.query):
+        if args.json:
+            print(
+                json.dumps(
+                    {
+                        "path": p.path,
+                        "label": p.label,
+                        "probability": p.probability,
+                        "probabilities": p.probabilities,
+                    }
+                )
+            )
+        else:
+            print(f"{p.path}\t{p.label}\t{p.probability:.3f}")
 
 
 def _datasets(args: argparse.Namespace) -> None:
@@ -84,9 +229,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "datasets":
             _datasets(args)
+        elif args.command == "presets":
+            _presets()
+        elif args.command == "train":
+            _train(args)
+        elif args.command == "eval":
+            _eval(args)
+        elif args.command == "predict":
+            _predict(args)
     except FewShotError as exc:
         print(f"fewshot: error: {exc}", file=sys.stderr)
-        return 2
+        return getattr(exc, "exit_code", 2)
     except KeyboardInterrupt:
         print("fewshot: interrupted", file=sys.stderr)
         return 130

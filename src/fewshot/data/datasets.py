@@ -39,6 +39,15 @@ class FewShotDataset:
     class_names: list[str]
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
+    invert: bool = False
+
+    @property
+    def preprocess(self) -> dict[str, object]:
+        """What turns a raw image file into this dataset's input tensor (for prediction)."""
+        c, h, _ = self.image_shape
+        return {"image_size": h, "channels": c, "invert": self.invert,
+                "mean": list(self.mean) if self.mean else None,
+                "std": list(self.std) if self.std else None}
 
     @property
     def num_classes(self) -> int:
@@ -142,11 +151,12 @@ def vinyals_characters(data_root: Path | None, split: str) -> list[str]:
 
 def _omniglot(split: str, data_root: Path | None, store: Store) -> FewShotDataset:
     if split in ("background", "evaluation"):
-        return _subset("omniglot", split, store, store.group(split))
+        return _subset("omniglot", split, store, store.group(split), invert=True)
     lines = vinyals_characters(data_root, split)
     chars = [line.rsplit("/", 1)[0] for line in lines]
     ds = _subset("omniglot", split, store, chars)
     ds.rotation = np.array([int(line.rsplit("rot", 1)[1]) // 90 for line in lines], dtype=np.int64)
+    ds.invert = True
     ds.class_names = lines
     return ds
 

@@ -1,0 +1,260 @@
+"""Typed, validated run configuration: YAML files, named presets, command-line overrides.
+
+A configuration is a pydantic model (unknown keys and wrong types are errors
+that name the key, with the nearest valid name suggested), read from YAML
+with PyYAML; overrides are ``key.path=value`` strings whose values are parsed
+as YAML (``train.steps=2000``, ``method.first_order=true``).
+"""
+
+from __future__ import annotations
+
+import difflib
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from fewshot.errors import FewShotError
+
+
+class ConfigError(FewShotError):
+    """A configuration that cannot be used; the message names the key and the fix."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    """Which dataset and splits; image size; where the data is."""
+
+    dataset: str = "omniglot"
+    train_split: str = "train"
+    val_split: str = "val"
+    test_split: str = "test"
+    image_size: int | None = Field(None, ge=4)
+    data_root: str | None = None
+    rotations: bool = False
+    num_workers: int = Field(0, ge=0)
+
+
+class MethodConfig(Section):
+    """The meta-learner and its backbone; fields a method does not use are ignored by it."""
+
+    name: Literal["maml", "fomaml", "metasgd", "anil", "reptile", "protonet", "matching", "relation"] = (
+        "protonet"
+    )
+    backbone: Literal["conv4", "conv4-32", "resnet12", "mlp"] = "conv4"
+    # gradient-based methods
+    inner_lr: float = Field(0.4, gt=0)
+    inner_steps: int = Field(1, ge=0)
+    inner_steps_test: int | None = Field(None, ge=0)
+    first_order: bool = False
+    per_step_lr: bool = False
+    batchnorm: Literal["transductive", "non-transductive"] = "transductive"
+    # metric-based methods
+    distance: Literal["euclidean", "cosine"] = "euclidean"
+    fce: bool = False
+    relation_loss: Literal["mse", "ce"] = "mse"
+
+
+class EpisodeConfig(Section):
+    """N-way K-shot Q-query: the shape of a task."""
+
+    ways: int = Field(5, ge=1)
+    shots: int = Field(1, ge=1)
+    queries: int = Field(15, ge=1)
+
+
+class TrainConfig(Section):
+    """The outer loop: steps, meta-batch, optimiser, schedule, validation, checkpoints."""
+
+    steps: int = Field(1000, ge=1)
+    meta_batch: int = Field(1, ge=1)
+    optimizer: Literal["adam", "sgd"] = "adam"
+    lr: float = Field(1e-3, gt=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = Field(0.0, ge=0)
+    schedule: Literal["constant", "step", "cosine", "linear"] = "constant"
+    step_size: int = Field(2000, ge=1)
+    gamma: float = Field(0.5, gt=0)
+    grad_clip: float | None = Field(None, gt=0)
+    val_every: int = Field(500, ge=1)
+    val_episodes: int = Field(200, ge=1)
+    checkpoint_every: int = Field(500, ge=1)
+    log_every: int = Field(10, ge=1)
+    threads: int | None = Field(None, ge=1)
+
+
+class EvalConfig(Section):
+    """Meta-testing: a fixed, seeded set of episodes."""
+
+    episodes: int = Field(600, ge=1)
+    seed: int = 2017
+    ways: int | None = Field(None, ge=1)
+    shots: int | None = Field(None, ge=1)
+    queries: int = Field(15, ge=1)
+    chunk: int = Field(16, ge=1)
+
+
+class PublishedResult(Section):
+    """The published figure a preset reproduces, and where it is from."""
+
+    accuracy: float | None = None
+    ci95: float | None = None
+    mse: float | None = None
+    source: str = ""
+
+
+class Config(Section):
+    """A whole run. ``train_episode`` shapes meta-training tasks, ``eval`` meta-testing ones."""
+
+    name: str = "run"
+    description: str = ""
+    seed: int = 0
+    task: Literal["classification", "sinusoid"] = "classification"
+    data: DataConfig = DataConfig()
+    method: MethodConfig = MethodConfig()
+    train_episode: EpisodeConfig = EpisodeConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    published: PublishedResult = PublishedResult()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Config:
+        head_methods = {"maml", "fomaml", "metasgd", "anil", "reptile"}
+        ways = self.eval.ways or self.train_episode.ways
+        if (
+            self.task == "classification"
+            and self.method.name in head_methods
+            and ways != self.train_episode.ways
+        ):
+            raise ValueError(
+                f"{self.method.name} has a {self.train_episode.ways}-way output layer, so it evaluates "
+                f"{self.train_episode.ways}-way tasks only (eval.ways is {ways}); set eval.ways to "
+                f"{self.train_episode.ways} or train with train_episode.ways={ways}."
+            )
+        if self.task == "sinusoid" and self.method.name not in head_methods:
+            raise ValueError(f"sinusoid regression needs a gradient-based method, not {self.method.name}.")
+        return self
+
+    @property
+    def eval_ways(self) -> int:
+        return self.eval.ways or self.train_episode.ways
+
+    @property
+    def eval_shots(self) -> int:
+        return self.eval.shots or self.train_episode.shots
+
+
+# --- reading, overriding, presets -----------------------------------------------------------
+
+
+def _fields_at(model: type[BaseModel], path: list[str]) -> list[str]:
+    """Valid field names at a dotted path (for 'did you mean' suggestions)."""
+    for part in path:
+        field = model.model_fields.get(part)
+        if (
+            field is None
+            or not isinstance(field.annotation, type)
+            or not issubclass(field.annotation, BaseModel)
+        ):
+            return []
+        model = field.annotation
+    return list(model.model_fields)
+
+
+def _explain(error: ValidationError, where: str) -> ConfigError:
+    """One readable message per problem, with the nearest valid key for unknown ones."""
+    lines = []
+    for item in error.errors():
+        loc = [str(p) for p in item["loc"]]
+        key = ".".join(loc)
+        if item["type"] == "extra_forbidden":
+            valid = _fields_at(Config, loc[:-1])
+            near = difflib.get_close_matches(loc[-1], valid, n=1)
+            hint = f"; did you mean {'.'.join([*loc[:-1], near[0]])!r}?" if near else ""
+            lines.append(f"unknown key {key!r}{hint} (valid here: {', '.join(valid)})")
+        elif item["type"] == "value_error":
+            lines.append(item["msg"].removeprefix("Value error, "))
+        else:
+            got = item.get("input")
+            lines.append(f"{key}: {item['msg']} (got {got!r})")
+    return ConfigError(f"Invalid configuration {where}: " + "; ".join(lines))
+
+
+def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"Override {dotted!r}: {key!r} is a value, not a section.")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """``key.path=value`` strings to (key, value) with YAML-typed values."""
+    out = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"Override {item!r} is not of the form key.path=value (e.g. train.steps=2000).")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"Override {item!r}: cannot parse the value ({exc}).") from exc
+        out.append((key.strip(), value))
+    return out
+
+
+def from_dict(tree: dict[str, Any], overrides: list[str] | None = None, where: str = "") -> Config:
+    """Validate a config tree after applying overrides."""
+    tree = dict(tree)
+    for key, value in parse_overrides(overrides or []):
+        _set(tree, key, value)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as exc:
+        raise _explain(exc, where) from None
+
+
+def preset_dir() -> Any:
+    return resources.files("fewshot") / "presets"
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name.removesuffix(".yaml") for p in preset_dir().iterdir() if p.name.endswith(".yaml"))
+
+
+def load_config(name_or_path: str, overrides: list[str] | None = None) -> Config:
+    """A preset by name, or a YAML file by path, with overrides applied."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"Config file {path} does not exist.")
+        text, where = path.read_text(), f"in {path}"
+    else:
+        names = preset_names()
+        if name_or_path not in names:
+            near = difflib.get_close_matches(name_or_path, names, n=3)
+            hint = f" Did you mean {', '.join(near)}?" if near else ""
+            raise ConfigError(
+                f"No preset named {name_or_path!r}.{hint} `fewshot presets` lists them; "
+                "or give a path to a .yaml config."
+            )
+        text, where = (preset_dir() / f"{name_or_path}.yaml").read_text(), f"preset {name_or_path}"
+    try:
+        tree = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"Cannot parse {where} as YAML: {exc}") from exc
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{where} must be a mapping of sections (data, method, train, ...).")
+    return from_dict(tree, overrides, where)
+
+
+def to_yaml(config: Config) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,92 @@
+"""Few-shot prediction on a user's own images: support folder in, labelled queries out.
+
+Class names are the support folder's sub-folders; every image (support and
+query) goes through the same decoding and normalisation as the training
+data (size, channels, polarity, mean/std, all recorded in the checkpoint).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from fewshot.data.sources.base import IMAGE_SUFFIXES, open_image
+from fewshot.data.sources.folder import FolderSource
+from fewshot.data.transforms import to_float
+from fewshot.errors import DataNotFoundError, FewShotError
+from fewshot.methods.base import Method
+
+
+@dataclass
+class Prediction:
+    path: str
+    label: str
+    probability: float
+    probabilities: dict[str, float]
+
+
+def load_image(path: Path, preprocess: dict[str, Any]) -> torch.Tensor:
+    """Decode one file exactly as the training data was decoded: (C, H, W) float."""
+    image: Image.Image = open_image(path, str(path))
+    size, channels = int(preprocess["image_size"]), int(preprocess["channels"])
+    image = image.convert("L" if channels == 1 else "RGB").resize((size, size), Image.Resampling.LANCZOS)
+    arr = np.asarray(image, dtype=np.uint8)
+    if preprocess.get("invert"):
+        arr = 255 - arr
+    arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+    mean, std = preprocess.get("mean"), preprocess.get("std")
+    return to_float(torch.from_numpy(arr.copy()), tuple(mean) if mean else None, tuple(std) if std else None)
+
+
+def query_files(paths: list[str]) -> list[Path]:
+    """Query images: files as given, folders expanded to the images inside them."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise DataNotFoundError(f"Query image {p} does not exist.")
+    if not out:
+        raise DataNotFoundError(f"No query images in {', '.join(paths)}.")
+    return out
+
+
+def predict(
+    method: Method, preprocess: dict[str, Any], support_dir: str | Path, queries: list[str]
+) -> list[Prediction]:
+    """Adapt ``method`` to the support folder and label every query image."""
+    source = FolderSource(Path(support_dir), channels=int(preprocess["channels"]))
+    classes = source.classes()
+    if len(classes) < 2:
+        raise FewShotError(
+            f"Support folder {support_dir} has {len(classes)} class with images; few-shot prediction needs "
+            "at least 2 classes (one sub-folder of example images per class)."
+        )
+    support = torch.stack([load_image(p, preprocess) for c in classes for p in c.items])
+    labels = torch.tensor([i for i, c in enumerate(classes) for _ in c.items])
+    files = query_files(queries)
+    query = torch.stack([load_image(p, preprocess) for p in files])
+    method.eval()
+    with torch.no_grad():
+        predictor = method.adapt(support, labels)
+        probs = method.probabilities(predictor(query))
+    names = [c.name for c in classes]
+    out = []
+    for path, row in zip(files, probs, strict=True):
+        best = int(row.argmax())
+        out.append(
+            Prediction(
+                str(path),
+                names[best],
+                float(row[best]),
+                {n: float(p) for n, p in zip(names, row, strict=True)},
+            )
+        )
+    return out

@@ -1,0 +1,279 @@
+"""Meta-training: the outer loop, validation, checkpoints, exact resumption.
+
+The loop only talks to methods through ``Method.loss`` and
+``Method.query_logits``. Batch ``k`` of meta-training is a pure function of
+(seed, k), and the checkpoint holds weights, optimiser, scheduler, step and
+RNG state, so a run that is interrupted and resumed ends with the same
+weights as one that never stopped. SIGINT/SIGTERM save a checkpoint first;
+a non-finite loss stops with the last good state saved.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import signal
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from fewshot.config import Config, to_yaml
+from fewshot.engine import checkpoint
+from fewshot.engine.setup import Experiment, build_experiment
+from fewshot.errors import FewShotError
+
+
+class TrainingStopped(FewShotError):
+    """Training cannot go on (non-finite loss); the last good state was saved."""
+
+
+class Interrupted(FewShotError):
+    """SIGINT or SIGTERM arrived; a checkpoint was saved and the run can be resumed."""
+
+    exit_code = 130
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps: int
+    best_step: int | None
+    best_val: float | None
+    wall_time_s: float
+
+
+def build_optimizer(params, config: Config) -> torch.optim.Optimizer:
+    t = config.train
+    if t.optimizer == "adam":
+        return torch.optim.Adam(params, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
+    return torch.optim.SGD(params, lr=t.lr, weight_decay=t.weight_decay)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, config: Config) -> torch.optim.lr_scheduler.LRScheduler:
+    """Learning-rate schedule by name: constant, step (x gamma every step_size), cosine, linear to 0."""
+    t = config.train
+    if t.schedule == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=t.step_size, gamma=t.gamma)
+    if t.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=t.steps)
+    if t.schedule == "linear":
+        return torch.optim.lr_scheduler.LinearLR(optimizer, 1.0, 0.0, total_iters=t.steps)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+
+
+@contextmanager
+def _stop_on_signals() -> Iterator[dict[str, int]]:
+    """Turn SIGINT/SIGTERM into a flag the loop checks between steps."""
+    flag: dict[str, int] = {}
+
+    def handler(signum, frame):
+        flag["signal"] = signum
+
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+            previous[sig] = signal.signal(sig, handler)
+    try:
+        yield flag
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+class Trainer:
+    """One run directory: config.yaml, metrics.jsonl, checkpoints/{last,best}.pt, learning_curve.png."""
+
+    def __init__(self, config: Config, run_dir: Path, progress: bool = True) -> None:
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.progress = progress
+        self.exp: Experiment = build_experiment(config)
+        self.method = self.exp.method
+        self.optimizer = build_optimizer(self.method.parameters(), config)
+        self.scheduler = build_scheduler(self.optimizer, config)
+        self.step = 0
+        self.best_val: float | None = None
+        self.best_step: int | None = None
+        self.elapsed = 0.0
+
+    # --- state ---------------------------------------------------------------------------------
+    @property
+    def last_path(self) -> Path:
+        return self.run_dir / "checkpoints" / "last.pt"
+
+    @property
+    def best_path(self) -> Path:
+        return self.run_dir / "checkpoints" / "best.pt"
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "config": to_yaml(self.config),
+            "method_name": self.config.method.name,
+            "method": self.method.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "step": self.step,
+            "torch_rng": torch.get_rng_state(),
+            "best_val": self.best_val,
+            "best_step": self.best_step,
+            "elapsed": self.elapsed,
+            "preprocess": self.exp.preprocess,
+        }
+
+    def save(self, path: Path | None = None) -> Path:
+        return checkpoint.save_atomic(self.state(), path or self.last_path)
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.method.load_state_dict(state["method"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = int(state["step"])
+        torch.set_rng_state(state["torch_rng"])
+        self.best_val, self.best_step = state["best_val"], state["best_step"]
+        self.elapsed = float(state.get("elapsed", 0.0))
+        self._truncate_metrics(self.step)
+
+    # --- logging ---------------------------------------------------------------------------------
+    def _log(self, record: dict[str, Any]) -> None:
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop records written after the checkpoint we resume from, so no step is logged twice."""
+        path = self.run_dir / "metrics.jsonl"
+        if path.is_file():
+            keep = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+            path.write_text("".join(line + "\n" for line in keep))
+
+    # --- the loop --------------------------------------------------------------------------------
+    def validate(self) -> float:
+        """Accuracy (or negative MSE for regression) on the fixed validation episodes."""
+        return self.exp.validate(self.method)
+
+    def run(self, stop_at: int | None = None) -> TrainResult:
+        """Train until ``train.steps`` (or ``stop_at``, which acts like an interrupt, for tests)."""
+        t = self.config.train
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(to_yaml(self.config))
+        self.method.train()
+        bar = tqdm(
+            total=t.steps,
+            initial=self.step,
+            desc=self.config.name,
+            unit="step",
+            disable=None if self.progress else True,
+            dynamic_ncols=True,
+        )
+        window: list[tuple[float, float]] = []
+        batches = self.exp.batches(self.step)
+        with _stop_on_signals() as flag, bar:
+            while self.step < t.steps:
+                started = time.perf_counter()
+                batch = next(batches)
+                loss, metrics = self.method.loss(batch)
+                if not torch.isfinite(loss):
+                    self.save()
+                    raise TrainingStopped(
+                        f"The meta-training loss became {loss.item()} at step {self.step}; the last good "
+                        f"state is saved in {self.last_path}. Lower train.lr, set train.grad_clip, or "
+                        "check the data, then resume with --resume."
+                    )
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if t.grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(self.method.parameters(), t.grad_clip)
+                self.optimizer.step()
+                self.scheduler.step()
+                self.step += 1
+                took = time.perf_counter() - started
+                self.elapsed += took
+                window = [*window[-49:], (took, float(batch.tasks))]
+                tasks_per_s = sum(n for _, n in window) / sum(s for s, _ in window)
+                bar.update(1)
+                if self.step % t.log_every == 0 or self.step == t.steps:
+                    record = {
+                        "step": self.step,
+                        "loss": float(loss.item()),
+                        **metrics,
+                        "tasks_per_s": tasks_per_s,
+                        "lr": self.scheduler.get_last_lr()[0],
+                        "elapsed_s": self.elapsed,
+                    }
+                    self._log(record)
+                    bar.set_postfix(
+                        loss=f"{loss.item():.3f}",
+                        acc=f"{metrics.get('accuracy', math.nan):.3f}",
+                        tasks_s=f"{tasks_per_s:.1f}",
+                    )
+                if self.step % t.val_every == 0 or self.step == t.steps:
+                    self._validate_and_select()
+                if self.step % t.checkpoint_every == 0 or self.step == t.steps:
+                    self.save()
+                if flag or (stop_at is not None and self.step >= stop_at and self.step < t.steps):
+                    self.save()
+                    why = signal.Signals(flag["signal"]).name if flag else f"stop_at={stop_at}"
+                    raise Interrupted(
+                        f"Training stopped by {why} at step {self.step}/{t.steps}; state saved in "
+                        f"{self.last_path}. Resume with: fewshot train --run-dir {self.run_dir} --resume"
+                    )
+        self.plot()
+        return TrainResult(self.run_dir, self.step, self.best_step, self.best_val, self.elapsed)
+
+    def _validate_and_select(self) -> None:
+        started = time.perf_counter()
+        score = self.validate()
+        self._log(
+            {
+                "step": self.step,
+                "val": score,
+                "val_time_s": time.perf_counter() - started,
+                "elapsed_s": self.elapsed,
+            }
+        )
+        if self.best_val is None or score > self.best_val:
+            self.best_val, self.best_step = score, self.step
+            checkpoint.save_atomic({**self.state(), "selected_by": "validation"}, self.best_path)
+        self.plot()
+
+    def plot(self) -> Path:
+        from fewshot.engine.plots import learning_curve
+
+        return learning_curve(
+            self.run_dir / "metrics.jsonl", self.run_dir / "learning_curve.png", title=self.config.name
+        )
+
+
+def train(
+    config: Config,
+    run_dir: str | Path,
+    resume: bool = False,
+    progress: bool = True,
+    stop_at: int | None = None,
+) -> TrainResult:
+    """Meta-train ``config`` into ``run_dir``; with ``resume``, continue from its last checkpoint."""
+    run_dir = Path(run_dir)
+    last = run_dir / "checkpoints" / "last.pt"
+    if last.exists() and not resume:
+        raise FewShotError(
+            f"{run_dir} already holds a run (checkpoints/last.pt). Continue it with --resume, "
+            "or choose another --run-dir."
+        )
+    if resume and not last.exists():
+        raise FewShotError(f"Nothing to resume: {last} does not exist. Drop --resume to start a new run.")
+    if config.train.threads:
+        torch.set_num_threads(config.train.threads)
+    torch.manual_seed(config.seed)
+    trainer = Trainer(config, run_dir, progress)
+    if resume:
+        state = checkpoint.load(last)
+        if state["method_name"] != config.method.name:
+            raise FewShotError(f"{last} is a {state['method_name']} run, not {config.method.name}.")
+        trainer.restore(state)
+    return trainer.run(stop_at=stop_at)

@@ -1,0 +1,77 @@
+"""Method names to constructed methods: the one place that maps a config to a Method."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from fewshot.config import Config
+from fewshot.methods.base import Method
+from fewshot.models.backbones import MLP, Classifier, Conv4
+from fewshot.models.resnet import ResNet12
+
+GRADIENT = ("maml", "fomaml", "metasgd", "anil", "reptile")
+METRIC = ("protonet", "matching", "relation")
+
+
+def build_backbone(
+    name: str, input_shape: tuple[int, ...], track_running_stats: bool = True
+) -> tuple[nn.Module, int]:
+    """A backbone and its feature size for inputs of ``input_shape``."""
+    if name in ("conv4", "conv4-32"):
+        net = Conv4(
+            input_shape[0], hidden=32 if name == "conv4-32" else 64, track_running_stats=track_running_stats
+        )
+        return net, net.out_features(input_shape)  # type: ignore[arg-type]
+    if name == "resnet12":
+        net = ResNet12(input_shape[0], track_running_stats=track_running_stats)
+        return net, net.out_features(input_shape)  # type: ignore[arg-type]
+    raise ValueError(f"backbone {name!r} cannot embed images; use conv4, conv4-32 or resnet12")
+
+
+def build_method(config: Config, input_shape: tuple[int, ...]) -> Method:
+    """The method of ``config`` for inputs of ``input_shape`` ((C, H, W), or (1,) for sinusoids)."""
+    m = config.method
+    if m.name in METRIC:
+        from fewshot.methods.matching import MatchingNetwork
+        from fewshot.methods.protonet import PrototypicalNetwork
+        from fewshot.methods.relation import RelationNetwork
+
+        if m.name == "relation":
+            return RelationNetwork(image_shape=input_shape, loss=m.relation_loss)  # type: ignore[arg-type]
+        backbone, features = build_backbone(m.backbone, input_shape)
+        if m.name == "protonet":
+            return PrototypicalNetwork(backbone, features, distance=m.distance)
+        return MatchingNetwork(backbone, features, fce=m.fce)
+    return _gradient_method(config, input_shape)
+
+
+def _gradient_method(config: Config, input_shape: tuple[int, ...]) -> Method:
+    from fewshot.methods.maml import MAML
+    from fewshot.methods.metasgd import MetaSGD
+    from fewshot.methods.reptile import Reptile
+
+    m = config.method
+    regression = config.task == "sinusoid"
+    if regression:
+        model: nn.Module = MLP()
+    else:
+        backbone, features = build_backbone(m.backbone, input_shape, track_running_stats=False)
+        model = Classifier(backbone, features, config.train_episode.ways)
+    common = dict(
+        inner_lr=m.inner_lr,
+        inner_steps=m.inner_steps,
+        inner_steps_test=m.inner_steps_test,
+        batchnorm=m.batchnorm,
+        task="regression" if regression else "classification",
+    )
+    if m.name in ("maml", "fomaml", "anil"):
+        return MAML(
+            model,
+            first_order=m.first_order or m.name == "fomaml",
+            per_step_lr=m.per_step_lr,
+            adapt="head" if m.name == "anil" else "all",
+            **common,
+        )
+    if m.name == "metasgd":
+        return MetaSGD(model, first_order=m.first_order, **common)
+    return Reptile(model, **common)
