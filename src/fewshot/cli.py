@@ -139,7 +139,7 @@ def _train(args: argparse.Namespace) -> None:
         if not args.config:
             raise ConfigError("Name a preset (`fewshot presets` lists them) or a .yaml config to train.")
         config = load_config(args.config, overrides)
-    run_dir = Path(args.run_dir or Path("runs") / config.name)
+    run_dir = Path(args.run_dir) if args.run_dir else _fresh_run_dir(Path("runs") / config.name)
     result = train(config, run_dir, resume=args.resume)
     best = (
         ""
@@ -153,6 +153,15 @@ def _train(args: argparse.Namespace) -> None:
         outcome = evaluate_run(load_run(run_dir), data_root=args.data_root)
         (run_dir / "eval.json").write_text(__import__("json").dumps(outcome.to_dict(), indent=2) + "\n")
         print(f"test {outcome.line()}")
+
+
+def _fresh_run_dir(base):
+    """runs/<name>, or runs/<name>-2, -3, ... if taken, so re-running a command never clobbers a run."""
+    candidate, n = base, 1
+    while candidate.exists():
+        n += 1
+        candidate = base.with_name(f"{base.name}-{n}")
+    return candidate
 
 
 def _eval(args: argparse.Namespace) -> None:
