@@ -247,11 +247,17 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "predict":
             _predict(args)
     except FewShotError as exc:
-        print(f"fewshot: error: {exc}", file=sys.stderr)
-        return getattr(exc, "exit_code", 2)
+        code = getattr(exc, "exit_code", 2)
+        print(f"fewshot: {'stopped' if code == 130 else 'error'}: {exc}", file=sys.stderr)
+        return code
     except KeyboardInterrupt:
         print("fewshot: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into e.g. `head`: stop quietly
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     return 0
 
 
