@@ -46,7 +46,7 @@ def build_method(config: Config, input_shape: tuple[int, ...]) -> Method:
 
 
 def _gradient_method(config: Config, input_shape: tuple[int, ...]) -> Method:
-    from fewshot.methods.maml import MAML
+    from fewshot.methods.maml import ANIL, MAML
     from fewshot.methods.metasgd import MetaSGD
     from fewshot.methods.reptile import Reptile
 
@@ -64,14 +64,11 @@ def _gradient_method(config: Config, input_shape: tuple[int, ...]) -> Method:
         batchnorm=m.batchnorm,
         task="regression" if regression else "classification",
     )
-    if m.name in ("maml", "fomaml", "anil"):
-        return MAML(
-            model,
-            first_order=m.first_order or m.name == "fomaml",
-            per_step_lr=m.per_step_lr,
-            adapt="head" if m.name == "anil" else "all",
-            **common,
-        )
+    if m.name == "anil":
+        return ANIL(model, first_order=m.first_order, per_step_lr=m.per_step_lr, **common)
+    if m.name in ("maml", "fomaml"):
+        first_order = m.first_order or m.name == "fomaml"
+        return MAML(model, first_order=first_order, per_step_lr=m.per_step_lr, **common)
     if m.name == "metasgd":
         return MetaSGD(model, first_order=m.first_order, **common)
     return Reptile(model, **common)

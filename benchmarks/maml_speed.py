@@ -1,0 +1,315 @@
+"""MAML meta-training speed and peak memory: vectorised (vmap) path vs loop path.
+
+Setting (the MAML paper's 5-way 1-shot Omniglot shapes): Conv-4 with 64
+filters on 28x28x1 images, one support and one query image per class,
+meta-batch 32, one inner step, inner lr 0.4, Adam outer optimiser,
+``torch.set_num_threads(2)``. Images are random tensors of that shape: speed
+does not depend on their content, and no dataset is needed.
+
+Run::
+
+    python benchmarks/maml_speed.py            # about a minute
+    python benchmarks/maml_speed.py --quick    # main figures only
+    python benchmarks/maml_speed.py --rounds 9 # more repeats on a noisy machine
+
+Speed: every configuration is built in this process and timed *round-robin*
+(one meta-training step of each configuration in turn, ``--rounds`` times,
+after one warm-up step each), and the median step time is reported as tasks/s.
+Interleaving keeps the ratios fair on a shared, noisy machine: a burst of
+load hits every configuration alike.
+
+Peak memory: each configuration also runs in a fresh subprocess
+(``--measure-memory NAME``, started before the timing runs) that builds the
+method, takes three meta-training steps and reports its peak resident set
+size: ``VmHWM`` from ``/proc/self/status`` on Linux (``getrusage``'s
+``ru_maxrss`` elsewhere; on Linux that one also inherits the parent's peak
+across fork/exec, so it is not used there). One process per configuration
+keeps the peaks from mixing; the RSS right after building the model ("base",
+mostly the torch import) is reported too, so the increment can be read off.
+
+The last line of stdout is one JSON object (keys so_tasks_per_s,
+fo_tasks_per_s, loop_so_tasks_per_s, loop_fo_tasks_per_s, ratio_so, ratio_fo,
+mem_ratio_so, ...).
+
+What each idea gave (tasks/s at these settings, three full runs of this script
+with ``--ablation`` on 2 cores of an AMD EPYC (Zen 4) VM that other jobs
+shared, so figures move by +-15% between runs; ratios within a run hold better):
+
+| configuration                                        | 2nd order | 1st order |
+|------------------------------------------------------|-----------|-----------|
+| loop path, module forward (the plain reference)      | 32-33     | 53-58     |
+| naive vmap (module forward, whole meta-batch)        | 42-55     | 90-104    |
+| vmap + fused Conv-4 forward, whole meta-batch        | 77-82     | 137-154   |
+| vmap + fused forward + chunks (the default path)     | 64-77     | 110-134   |
+| loop path with the fused forward (for reference)     | 34-38     | 67-78     |
+| hand-batched grouped conv (groups=T), no vmap        | 24-29     | 86-96     |
+| fused, first layer as 4x4 super-patches + amax       | 59        | 106       |
+
+Peak RSS (base ~297 MB): loop 355 / 338-339 MB (SO / FO); default vmap path
+562-574 / 467-474 MB; vmap with the whole meta-batch at once 765 / 603 MB; naive vmap
+1148 MB.
+
+* Elementary-op batch norm (needed anyway: NOTES.md's second-order bug) written
+  as one ``addcmul`` with a variance about a detached pilot mean: the naive
+  vmap row. The same module under the loop path is the reference row.
+* The fused forward is the big win (+45-85% over naive vmap). Most of vectorised MAML's time
+  goes to element-wise work on the 28x28x64 first-layer activations and their
+  first and second derivatives. Folding the first batch norm into the first
+  convolution through the input patches' mean and covariance, and computing
+  that layer as one matrix product in channels-last order, removes most of
+  it; ReLU after max-pooling (same function) acts on 4x fewer elements.
+* Chunking the meta-batch (16 MB of first-layer activation per chunk, 16 tasks
+  here; each chunk's meta-gradient is taken and its graph freed before the
+  next) is there for memory: it keeps the second-order peak within 2x of the
+  loop's (562 vs 765 MB). Its effect on speed was within the noise
+  (-10% to +10%): less page-faulting on fresh 32 MB blocks, more passes.
+* Rejected: grouped convolution by hand (stack the T tasks' weights, one conv
+  with groups=T, autograd on the stacked parameters) is slower at second
+  order, because PyTorch's convolution double backward loops over the groups
+  (``_convolution_double_backward``) where vmap's batching rules do not; the
+  super-patch first layer (the four 3x3 windows of each pooling cell as one
+  4x4 patch, then ``amax``) was slower than the fold + ``max_pool2d``;
+  channels-last inside vmap is not available (``NYI: querying is_contiguous
+  inside of vmap``); ``mallopt`` (no mmap for large blocks) and transparent
+  huge pages (``THP_MEM_ALLOC_ENABLE=1``) gave no consistent gain.
+* Why second order stops near 2.3x: its convolutions alone are about 10 conv
+  passes per layer (support forward, data and weight gradients, query forward
+  and backward, four terms of the double backward), about 30 GFLOP per
+  meta-batch here; at the ~130 GFLOP/s these convolutions reach on this
+  machine that is ~235 ms, i.e. at most ~135 tasks/s with no other work at
+  all, while the plain loop already runs at 32-40 tasks/s. 3x the loop would
+  leave under 90 ms per meta-batch for everything that is not convolution.
+
+learn2learn 0.2.0 side by side (its ``MAML.clone()/adapt()`` loop), in a
+separate virtual environment so it stays out of this project's dependencies
+(recipe from NOTES.md): install ``torch==2.14.1 torchvision==0.29.1`` there;
+``pip install 'cython<3'``; ``pip download --no-deps learn2learn==0.2.0`` and
+unpack it; regenerate the C files with ``cython -3
+learn2learn/data/{meta_dataset,task_dataset,transforms}.pyx`` (the shipped
+ones do not compile on Python 3.11); ``pip install`` the unpacked folder; then
+time ``l2l.algorithms.MAML(Classifier(Conv4(1, 64, 4, False), 64, 5), lr=0.4,
+first_order=...)`` with a loop of ``clone(); adapt(support loss); query
+loss.backward()`` over the 32 tasks, with the same shapes and thread count.
+NOTES.md measured it at the speed of this script's loop path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from fewshot.data.episodes import EpisodeBatch
+from fewshot.methods.maml import MAML
+from fewshot.models.backbones import Classifier, Conv4
+
+TASKS, WAYS, SHOTS, QUERIES, SIZE = 32, 5, 1, 1, 28
+INNER_LR = 0.4
+
+CONFIGS: dict[str, dict[str, object]] = {
+    "vmap-so": {"first_order": False, "path": "vmap"},
+    "loop-so": {"first_order": False, "path": "loop"},
+    "vmap-fo": {"first_order": True, "path": "vmap"},
+    "loop-fo": {"first_order": True, "path": "loop"},
+}
+ABLATION: dict[str, dict[str, object]] = {
+    "naive-vmap-so": {"first_order": False, "path": "vmap", "forward": "module", "chunk_size": TASKS},
+    "fused-unchunked-so": {"first_order": False, "path": "vmap", "chunk_size": TASKS},
+    "loop-fused-so": {"first_order": False, "path": "loop", "forward": "fused"},
+    "naive-vmap-fo": {"first_order": True, "path": "vmap", "forward": "module", "chunk_size": TASKS},
+    "fused-unchunked-fo": {"first_order": True, "path": "vmap", "chunk_size": TASKS},
+    "loop-fused-fo": {"first_order": True, "path": "loop", "forward": "fused"},
+}
+
+
+def make_batch(seed: int = 0) -> EpisodeBatch:
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.arange(WAYS).repeat_interleave(SHOTS).expand(TASKS, -1).clone()
+    qlabels = torch.arange(WAYS).repeat_interleave(QUERIES).expand(TASKS, -1).clone()
+    return EpisodeBatch(
+        support=torch.rand(TASKS, WAYS * SHOTS, 1, SIZE, SIZE, generator=gen),
+        support_labels=labels,
+        query=torch.rand(TASKS, WAYS * QUERIES, 1, SIZE, SIZE, generator=gen),
+        query_labels=qlabels,
+    )
+
+
+def make_step(config: dict[str, object], batch: EpisodeBatch) -> Callable[[], None]:
+    """One meta-training step (loss, backward, Adam) of a fresh MAML."""
+    torch.manual_seed(0)
+    model = Classifier(Conv4(1, 64, 4, track_running_stats=False), 64, WAYS)
+    method = MAML(model, inner_lr=INNER_LR, **config)
+    optimiser = torch.optim.Adam(method.parameters(), lr=1e-3)
+
+    def step() -> None:
+        optimiser.zero_grad()
+        loss, _ = method.loss(batch)
+        loss.backward()
+        optimiser.step()
+
+    return step
+
+
+def make_grouped_step(first_order: bool, batch: EpisodeBatch) -> Callable[[], None]:
+    """The rejected idea, for the record: hand-batched Conv-4 with groups=T, no vmap.
+
+    Parameters stacked over tasks, one grouped convolution per layer, batch
+    norm by elementary ops over (B, T*C, H, W), inner gradients by
+    ``torch.autograd.grad`` of the summed task losses (tasks are independent,
+    so each task's slice is its own gradient).
+    """
+    torch.manual_seed(0)
+    model = Classifier(Conv4(1, 64, 4, track_running_stats=False), 64, WAYS)
+    optimiser = torch.optim.Adam(model.parameters(), lr=1e-3)
+    names = [n for n, _ in model.named_parameters()]
+
+    def forward(p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        tasks, b = x.shape[:2]
+        h = x.transpose(0, 1).reshape(b, -1, SIZE, SIZE)
+        for i in range(4):
+            w, bias = p[f"backbone.blocks.{i}.0.weight"], p[f"backbone.blocks.{i}.0.bias"]
+            h = F.conv2d(h, w.reshape(-1, *w.shape[2:]), bias.reshape(-1), padding=1, groups=tasks)
+            mean = h.mean(dim=(0, 2, 3), keepdim=True)
+            var = ((h - mean) ** 2).mean(dim=(0, 2, 3), keepdim=True)
+            gamma = p[f"backbone.blocks.{i}.1.weight"].reshape(1, -1, 1, 1)
+            beta = p[f"backbone.blocks.{i}.1.bias"].reshape(1, -1, 1, 1)
+            h = F.relu(F.max_pool2d((h - mean) * torch.rsqrt(var + 1e-5) * gamma + beta, 2))
+        feats = h.reshape(b, tasks, -1)
+        return torch.einsum("btf,tnf->tbn", feats, p["head.weight"]) + p["head.bias"][:, None]
+
+    def task_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        b, n = logits.shape[1:]
+        return F.cross_entropy(logits.reshape(-1, n), labels.reshape(-1), reduction="sum") / b
+
+    def step() -> None:
+        optimiser.zero_grad()
+        stacked = {n: p.unsqueeze(0).expand(TASKS, *p.shape) for n, p in model.named_parameters()}
+        inner = {n: v.detach().requires_grad_() for n, v in stacked.items()} if first_order else stacked
+        loss = task_losses(forward(inner, batch.support), batch.support_labels)
+        grads = torch.autograd.grad(loss, [inner[n] for n in names], create_graph=not first_order)
+        fast = {n: stacked[n] - INNER_LR * g for n, g in zip(names, grads, strict=True)}
+        (task_losses(forward(fast, batch.query), batch.query_labels) / TASKS).backward()
+        optimiser.step()
+
+    return step
+
+
+def time_round_robin(steps: dict[str, Callable[[], None]], rounds: int) -> dict[str, float]:
+    """Median tasks/s per configuration, timing one step of each in turn."""
+    for step in steps.values():
+        step()  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    return {name: TASKS / statistics.median(ts) for name, ts in times.items()}
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far, in MB.
+
+    Linux's ``VmHWM`` (per address space, so it starts afresh at ``exec``);
+    elsewhere ``getrusage``'s ``ru_maxrss``, which on Linux would also carry
+    over the parent's peak from before the ``fork``/``exec``.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    scale = 1024 * 1024 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
+
+
+def measure_memory_here(name: str) -> dict[str, float]:
+    """Build one configuration, take three steps, return base and peak RSS (MB)."""
+    torch.set_num_threads(2)
+    batch = make_batch()
+    config = {**CONFIGS, **ABLATION}[name]
+    step = make_step(config, batch)
+    base = peak_rss_mb()
+    for _ in range(3):
+        step()
+    return {"base_mb": base, "peak_mb": peak_rss_mb()}
+
+
+def measure_memory(name: str) -> dict[str, float]:
+    """Run ``measure_memory_here`` in a fresh interpreter, so peaks never mix."""
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    out = subprocess.run(
+        [sys.executable, __file__, "--measure-memory", name],
+        check=True,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5, help="timed steps per configuration")
+    parser.add_argument("--quick", action="store_true", help="skip the ablation rows")
+    parser.add_argument("--ablation", action="store_true", help="also time the hand-batched grouped conv")
+    parser.add_argument("--measure-memory", metavar="NAME", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.measure_memory:
+        print(json.dumps(measure_memory_here(args.measure_memory)))
+        return
+
+    # Memory first, from a small parent process; each configuration in its own interpreter.
+    memory = {name: measure_memory(name) for name in CONFIGS}
+
+    torch.set_num_threads(2)
+    batch = make_batch()
+    configs = dict(CONFIGS) if args.quick else {**CONFIGS, **ABLATION}
+    steps = {name: make_step(cfg, batch) for name, cfg in configs.items()}
+    if args.ablation:
+        steps["grouped-so"] = make_grouped_step(False, batch)
+        steps["grouped-fo"] = make_grouped_step(True, batch)
+    print(
+        f"MAML, Conv-4 64 filters, {WAYS}-way {SHOTS}-shot {QUERIES}-query 28x28x1, "
+        f"meta-batch {TASKS}, 1 inner step, lr {INNER_LR}, Adam, 2 threads, {args.rounds} rounds"
+    )
+    speed = time_round_robin(steps, args.rounds)
+    for name, value in speed.items():
+        print(f"  {name:20s} {value:7.1f} tasks/s")
+
+    for name, mem in memory.items():
+        print(
+            f"  {name:20s} peak RSS {mem['peak_mb']:7.0f} MB (base {mem['base_mb']:.0f} MB, "
+            f"+{mem['peak_mb'] - mem['base_mb']:.0f} MB)"
+        )
+
+    result = {
+        "so_tasks_per_s": round(speed["vmap-so"], 2),
+        "fo_tasks_per_s": round(speed["vmap-fo"], 2),
+        "loop_so_tasks_per_s": round(speed["loop-so"], 2),
+        "loop_fo_tasks_per_s": round(speed["loop-fo"], 2),
+        "ratio_so": round(speed["vmap-so"] / speed["loop-so"], 3),
+        "ratio_fo": round(speed["vmap-fo"] / speed["loop-fo"], 3),
+        "mem_ratio_so": round(memory["vmap-so"]["peak_mb"] / memory["loop-so"]["peak_mb"], 3),
+        "mem_ratio_fo": round(memory["vmap-fo"]["peak_mb"] / memory["loop-fo"]["peak_mb"], 3),
+        "peak_mb": {name: round(mem["peak_mb"]) for name, mem in memory.items()},
+        "ablation_tasks_per_s": {k: round(v, 2) for k, v in speed.items() if k not in CONFIGS},
+        "rounds": args.rounds,
+        "torch": torch.__version__,
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,347 @@
+"""The engine through the ``fewshot`` command: train, eval, predict, resume, and bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from fixtures import image_folder
+
+from fewshot.cli import main
+from fewshot.config import ConfigError, load_config, preset_names
+from fewshot.engine import checkpoint
+from fewshot.engine.evaluate import mean_ci95
+from fewshot.engine.train import Interrupted, TrainingStopped, train
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def dataset_root(tmp_path) -> Path:
+    root = tmp_path / "tiny"
+    image_folder(root / "train", {f"t{i}": 6 for i in range(6)}, size=16)
+    image_folder(root / "val", {f"v{i}": 6 for i in range(4)}, size=16)
+    image_folder(root / "test", {f"s{i}": 6 for i in range(4)}, size=16)
+    return root
+
+
+def write_config(tmp_path: Path, root: Path, method: dict, **sections) -> Path:
+    config = {
+        "name": f"tiny-{method['name']}",
+        "data": {"dataset": f"folder:{root}", "image_size": 16},
+        "method": {"backbone": "conv4-32", **method},
+        "train_episode": {"ways": 3, "shots": 1, "queries": 2},
+        "train": {
+            "steps": 4,
+            "meta_batch": 2,
+            "val_every": 2,
+            "val_episodes": 4,
+            "checkpoint_every": 2,
+            "log_every": 1,
+        },
+        "eval": {"episodes": 6, "queries": 2, "chunk": 4},
+    }
+    for key, value in sections.items():
+        config[key].update(value)
+    path = tmp_path / f"{method['name']}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+FAMILIES = [
+    {"name": "protonet"},
+    {"name": "matching"},
+    {"name": "relation"},
+    {"name": "maml", "inner_lr": 0.1, "inner_steps": 1},
+    {"name": "reptile", "inner_lr": 0.1, "inner_steps": 2},
+]
+
+
+@pytest.mark.parametrize("method", FAMILIES, ids=[m["name"] for m in FAMILIES])
+def test_train_eval_predict_through_the_cli(tmp_path, dataset_root, method, capsys):
+    config = write_config(tmp_path, dataset_root, method)
+    run = tmp_path / "run"
+    assert main(["train", str(config), "--run-dir", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "trained tiny-" in out and "test accuracy" in out
+    for name in (
+        "config.yaml",
+        "metrics.jsonl",
+        "learning_curve.png",
+        "eval.json",
+        "checkpoints/last.pt",
+        "checkpoints/best.pt",
+    ):
+        assert (run / name).is_file(), name
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+    assert [r["step"] for r in records if "val" in r] == [2, 4]
+
+    assert main(["eval", str(run), "--json", "--episodes", "5"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    for key in ("accuracy", "ci95", "episodes", "ways", "shots", "queries", "split", "method", "batchnorm"):
+        assert key in result
+    assert result["episodes"] == 5 and result["ways"] == 3 and result["split"] == "test"
+    assert 0.0 <= result["accuracy"] <= 1.0
+
+    queries = [str(p) for p in sorted((dataset_root / "test" / "s0").iterdir())[:2]]
+    support = tmp_path / "support"
+    image_folder(support, {"alpha": 2, "beta": 2, "gamma": 2}, size=20)
+    assert (
+        main(
+            [
+                "predict",
+                str(run / "checkpoints" / "best.pt"),
+                "--support",
+                str(support),
+                "--query",
+                *queries,
+                "--json",
+            ]
+        )
+        == 0
+    )
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2
+    record = json.loads(lines[0])
+    assert record["label"] in ("alpha", "beta", "gamma")
+    assert math.isclose(sum(record["probabilities"].values()), 1.0, rel_tol=1e-5)
+    assert record["probability"] == max(record["probabilities"].values())
+
+
+def test_sinusoid_maml_trains_and_evaluates(tmp_path, capsys):
+    config = {
+        "name": "sine",
+        "task": "sinusoid",
+        "method": {"name": "maml", "backbone": "mlp", "inner_lr": 0.01, "inner_steps_test": 2},
+        "train_episode": {"ways": 1, "shots": 5, "queries": 5},
+        "train": {"steps": 3, "meta_batch": 4, "val_every": 3, "val_episodes": 25},
+        "eval": {"episodes": 30, "queries": 10},
+    }
+    path = tmp_path / "sine.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["train", str(path), "--run-dir", str(tmp_path / "run")]) == 0
+    assert "test mse" in capsys.readouterr().out
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return checkpoint.load(run / "checkpoints" / "last.pt")["method"]
+
+
+@pytest.mark.parametrize("method", [FAMILIES[0], FAMILIES[3]], ids=["protonet", "maml"])
+def test_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path, dataset_root, method):
+    path = write_config(tmp_path, dataset_root, method, train={"steps": 6, "checkpoint_every": 100})
+    config = load_config(str(path))
+    train(config, tmp_path / "straight", progress=False)
+    with pytest.raises(Interrupted, match="stop_at=3 at step 3/6"):
+        train(config, tmp_path / "broken", progress=False, stop_at=3)
+    assert checkpoint.load(tmp_path / "broken" / "checkpoints" / "last.pt")["step"] == 3
+    train(config, tmp_path / "broken", resume=True, progress=False)
+    a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "broken")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    steps = [
+        json.loads(x)["step"]
+        for x in (tmp_path / "broken" / "metrics.jsonl").read_text().splitlines()
+        if "loss" in json.loads(x)
+    ]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_sigint_saves_a_checkpoint_and_exits_cleanly(tmp_path, dataset_root):
+    path = write_config(
+        tmp_path,
+        dataset_root,
+        {"name": "protonet"},
+        train={"steps": 100000, "checkpoint_every": 100000, "val_every": 100000},
+    )
+    run = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fewshot", "train", str(path), "--run-dir", str(run)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 120
+    metrics = run / "metrics.jsonl"
+    while time.time() < deadline and not (metrics.is_file() and metrics.read_text().count("\n") >= 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "SIGINT" in err and "--resume" in err and "Traceback" not in err
+    state = checkpoint.load(run / "checkpoints" / "last.pt")
+    assert state["step"] >= 2
+
+
+def test_non_finite_loss_stops_with_saved_state(tmp_path, dataset_root):
+    path = write_config(tmp_path, dataset_root, {"name": "protonet"})
+    config = load_config(str(path))
+    from fewshot.methods.protonet import PrototypicalNetwork
+
+    original = PrototypicalNetwork.loss
+
+    def poisoned(self, batch):
+        loss, metrics = original(self, batch)
+        return loss * float("nan"), metrics
+
+    PrototypicalNetwork.loss = poisoned
+    try:
+        with pytest.raises(TrainingStopped, match="loss became nan at step 0"):
+            train(config, tmp_path / "run", progress=False)
+    finally:
+        PrototypicalNetwork.loss = original
+    assert checkpoint.load(tmp_path / "run" / "checkpoints" / "last.pt")["step"] == 0
+
+
+def test_confidence_interval_formula():
+    values = torch.tensor([1.0, 0.8, 0.9, 0.7, 1.0, 0.6])
+    mean, ci = mean_ci95(values)
+    n = len(values)
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values.tolist()) / (n - 1))
+    assert mean == pytest.approx(0.8333333)
+    assert ci == pytest.approx(1.96 * sd / math.sqrt(n))
+
+
+# --- configuration -----------------------------------------------------------------------------
+
+
+def test_every_preset_is_valid_and_cites_its_source():
+    names = preset_names()
+    assert len(names) >= 35
+    for name in names:
+        config = load_config(name)
+        assert config.name == name and config.published.source
+    for required in ("maml", "fomaml", "reptile", "metasgd", "anil", "protonet", "matching", "relation"):
+        for setting in ("5w1s", "5w5s", "20w1s", "20w5s"):
+            assert f"{required}-omniglot-{setting}" in names
+
+
+def test_unknown_key_suggests_the_nearest(capsys):
+    with pytest.raises(ConfigError, match="unknown key 'train.stesp'; did you mean 'train.steps'"):
+        load_config("protonet-omniglot-5w1s", ["train.stesp=3"])
+
+
+def test_wrong_type_names_the_key():
+    with pytest.raises(ConfigError, match=r"train.lr: .*got 'fast'"):
+        load_config("protonet-omniglot-5w1s", ["train.lr=fast"])
+
+
+def test_unknown_preset_through_the_cli(capsys):
+    assert main(["train", "protonet-omniglot-5w1"]) == 2
+    err = capsys.readouterr().err
+    assert "No preset named 'protonet-omniglot-5w1'" in err and "protonet-omniglot-5w1s" in err
+
+
+def test_presets_command(capsys):
+    assert main(["presets"]) == 0
+    out = capsys.readouterr().out
+    assert "maml-omniglot-5w1s" in out and "98.70%" in out and "Finn et al. 2017" in out
+
+
+def test_ways_the_dataset_cannot_supply(tmp_path, dataset_root, capsys):
+    path = write_config(tmp_path, dataset_root, {"name": "protonet"}, train_episode={"ways": 9})
+    assert main(["train", str(path), "--run-dir", str(tmp_path / "run")]) == 2
+    assert "9-way episodes need 9 classes" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_eval_with_too_many_ways(tmp_path, dataset_root, capsys):
+    path = write_config(tmp_path, dataset_root, {"name": "protonet"})
+    run = tmp_path / "run"
+    assert main(["train", str(path), "--run-dir", str(run), "--no-eval"]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(run), "--ways", "7"]) == 2
+    assert "7-way episodes need 7 classes" in capsys.readouterr().err
+
+
+# --- checkpoints and prediction inputs -----------------------------------------------------------
+
+
+@pytest.fixture
+def trained_run(tmp_path, dataset_root) -> Path:
+    path = write_config(tmp_path, dataset_root, {"name": "protonet"}, train={"steps": 2})
+    run = tmp_path / "run"
+    train(load_config(str(path)), run, progress=False)
+    return run
+
+
+def test_truncated_checkpoint(trained_run, tmp_path, capsys):
+    ckpt = trained_run / "checkpoints" / "best.pt"
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(ckpt.read_bytes()[:500])
+    assert main(["eval", str(broken)]) == 2
+    err = capsys.readouterr().err
+    assert "broken.pt is truncated, corrupt or not a fewshot checkpoint" in err and "Traceback" not in err
+
+
+def test_checkpoint_with_pickled_code_is_refused(tmp_path, capsys):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"format": 1, "config": "", "payload": Evil()}, path)
+    assert main(["eval", str(path)]) == 2
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_resume_with_another_method(trained_run, tmp_path, dataset_root, capsys):
+    other = write_config(tmp_path, dataset_root, {"name": "matching"})
+    assert main(["train", str(other), "--run-dir", str(trained_run), "--resume"]) == 2
+    assert "is a protonet run, not matching" in capsys.readouterr().err
+
+
+def test_checkpoint_from_another_method(trained_run, tmp_path, capsys):
+    state = checkpoint.load(trained_run / "checkpoints" / "last.pt")
+    config = yaml.safe_load(state["config"])
+    config["method"]["name"] = "matching"
+    config["method"]["fce"] = True
+    state["config"] = yaml.safe_dump(config)
+    checkpoint.save_atomic({k: v for k, v in state.items() if k != "format"}, tmp_path / "mixed.pt")
+    assert main(["eval", str(tmp_path / "mixed.pt")]) == 2
+    assert "do not fit a matching model" in capsys.readouterr().err
+
+
+def test_new_run_refuses_to_overwrite(trained_run, tmp_path, dataset_root, capsys):
+    path = write_config(tmp_path, dataset_root, {"name": "protonet"})
+    assert main(["train", str(path), "--run-dir", str(trained_run)]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+
+
+def test_support_folder_problems(trained_run, tmp_path, capsys):
+    query = sorted((tmp_path / "tiny" / "test" / "s0").iterdir())[0]
+    empty = tmp_path / "empty"
+    (empty / "a").mkdir(parents=True)
+    assert main(["predict", str(trained_run), "--support", str(empty), "--query", str(query)]) == 2
+    assert "no class folders with images" in capsys.readouterr().err
+    single = image_folder(tmp_path / "single", {"only": 3})
+    assert main(["predict", str(trained_run), "--support", str(single), "--query", str(query)]) == 2
+    assert "needs at least 2 classes" in capsys.readouterr().err
+
+
+def test_query_that_is_not_an_image(trained_run, tmp_path, capsys):
+    support = image_folder(tmp_path / "support", {"a": 2, "b": 2})
+    bogus = tmp_path / "notes.png"
+    bogus.write_text("hello")
+    assert main(["predict", str(trained_run), "--support", str(support), "--query", str(bogus)]) == 2
+    err = capsys.readouterr().err
+    assert "Cannot read image" in err and "notes.png" in err
+
+
+def test_dataloader_workers_train_the_same_weights(tmp_path, dataset_root):
+    path = write_config(tmp_path, dataset_root, {"name": "protonet"}, train={"steps": 3})
+    train(load_config(str(path)), tmp_path / "main", progress=False)
+    train(load_config(str(path), ["data.num_workers=2"]), tmp_path / "workers", progress=False)
+    a, b = _weights(tmp_path / "main"), _weights(tmp_path / "workers")
+    assert all(torch.equal(a[k], b[k]) for k in a)
