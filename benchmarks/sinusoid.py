@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 
 import torch
@@ -61,11 +62,12 @@ def main() -> None:
             print(f"step {step + 1}: meta-training loss {loss.item():.3f}", flush=True)
     train_s = time.perf_counter() - start
     method.eval()
-    figures: dict[str, float] = {}
+    figures: dict[str, float | None] = {}
     for k in (0, 1, 5, 10):
         mse, ci = sinusoid_mse(method, k)
-        figures[f"mse_k5_step{k}"] = round(mse, 4)
-        figures[f"ci95_k5_step{k}"] = round(ci, 4)
+        # a diverged adaptation is reported as null (JSON has no NaN), never hidden
+        figures[f"mse_k5_step{k}"] = round(mse, 4) if math.isfinite(mse) else None
+        figures[f"ci95_k5_step{k}"] = round(ci, 4) if math.isfinite(ci) else None
         paper = f"   (paper, read off Fig. 3: ~{PAPER_K5_STEP10})" if k == 10 else ""
         print(f"K=5, {k:2d} steps: test MSE {mse:.3f} ± {ci:.3f}{paper}")
     figures.update(
