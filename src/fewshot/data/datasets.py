@@ -45,9 +45,13 @@ class FewShotDataset:
     def preprocess(self) -> dict[str, object]:
         """What turns a raw image file into this dataset's input tensor (for prediction)."""
         c, h, _ = self.image_shape
-        return {"image_size": h, "channels": c, "invert": self.invert,
-                "mean": list(self.mean) if self.mean else None,
-                "std": list(self.std) if self.std else None}
+        return {
+            "image_size": h,
+            "channels": c,
+            "invert": self.invert,
+            "mean": list(self.mean) if self.mean else None,
+            "std": list(self.std) if self.std else None,
+        }
 
     @property
     def num_classes(self) -> int:
