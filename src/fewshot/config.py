@@ -40,6 +40,10 @@ class DataConfig(Section):
     num_workers: int = Field(0, ge=0)
 
 
+GRADIENT_METHODS = ("maml", "fomaml", "metasgd", "anil", "reptile")
+"""Methods with a fixed-size output layer, adapted by gradient steps."""
+
+
 class MethodConfig(Section):
     """The meta-learner and its backbone; fields a method does not use are ignored by it."""
 
@@ -124,11 +128,10 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:
-        head_methods = {"maml", "fomaml", "metasgd", "anil", "reptile"}
         ways = self.eval.ways or self.train_episode.ways
         if (
             self.task == "classification"
-            and self.method.name in head_methods
+            and self.method.name in GRADIENT_METHODS
             and ways != self.train_episode.ways
         ):
             raise ValueError(
@@ -136,7 +139,7 @@ class Config(Section):
                 f"{self.train_episode.ways}-way tasks only (eval.ways is {ways}); set eval.ways to "
                 f"{self.train_episode.ways} or train with train_episode.ways={ways}."
             )
-        if self.task == "sinusoid" and self.method.name not in head_methods:
+        if self.task == "sinusoid" and self.method.name not in GRADIENT_METHODS:
             raise ValueError(f"sinusoid regression needs a gradient-based method, not {self.method.name}.")
         return self
 

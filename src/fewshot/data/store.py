@@ -76,12 +76,12 @@ def store_key(source: Source, image_size: int) -> str:
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
 
 
-def decode(source: Source, image: Image.Image, image_size: int) -> np.ndarray:
-    """One PIL image to a (C, size, size) uint8 array in the source's polarity."""
-    mode = "L" if source.channels == 1 else "RGB"
+def decode(image: Image.Image, image_size: int, channels: int, invert: bool) -> np.ndarray:
+    """One PIL image to a (C, size, size) uint8 array: the one decoding of training and prediction."""
+    mode = "L" if channels == 1 else "RGB"
     image = image.convert(mode).resize((image_size, image_size), Image.Resampling.LANCZOS)
     arr = np.asarray(image, dtype=np.uint8)
-    if source.invert:
+    if invert:
         arr = 255 - arr
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
@@ -105,7 +105,8 @@ def build(source: Source, image_size: int, progress: bool = True) -> tuple[np.nd
     ):
         for c, cls in enumerate(classes):
             for item in cls.items:
-                images[i] = decode(source, source.open_item(handle, item), image_size)
+                image = source.open_item(handle, item)
+                images[i] = decode(image, image_size, source.channels, source.invert)
                 i += 1
             offsets[c + 1] = i
             bar.update(len(cls.items))

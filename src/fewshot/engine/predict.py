@@ -11,12 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
 
 from fewshot.data.sources.base import IMAGE_SUFFIXES, open_image
 from fewshot.data.sources.folder import FolderSource
+from fewshot.data.store import decode
 from fewshot.data.transforms import to_float
 from fewshot.errors import DataNotFoundError, FewShotError
 from fewshot.methods.base import Method
@@ -32,13 +31,12 @@ class Prediction:
 
 def load_image(path: Path, preprocess: dict[str, Any]) -> torch.Tensor:
     """Decode one file exactly as the training data was decoded: (C, H, W) float."""
-    image: Image.Image = open_image(path, str(path))
-    size, channels = int(preprocess["image_size"]), int(preprocess["channels"])
-    image = image.convert("L" if channels == 1 else "RGB").resize((size, size), Image.Resampling.LANCZOS)
-    arr = np.asarray(image, dtype=np.uint8)
-    if preprocess.get("invert"):
-        arr = 255 - arr
-    arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+    arr = decode(
+        open_image(path, str(path)),
+        int(preprocess["image_size"]),
+        int(preprocess["channels"]),
+        bool(preprocess.get("invert")),
+    )
     mean, std = preprocess.get("mean"), preprocess.get("std")
     return to_float(torch.from_numpy(arr.copy()), tuple(mean) if mean else None, tuple(std) if std else None)
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from torch import nn
 
-from fewshot.config import Config
+from fewshot.config import GRADIENT_METHODS, Config
 from fewshot.methods.base import Method
 from fewshot.models.backbones import MLP, Classifier, Conv4
 from fewshot.models.resnet import ResNet12
 
-GRADIENT = ("maml", "fomaml", "metasgd", "anil", "reptile")
+GRADIENT = GRADIENT_METHODS
 METRIC = ("protonet", "matching", "relation")
 
 
