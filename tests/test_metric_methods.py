@@ -7,6 +7,8 @@ meta-training runs on the synthetic template tasks of ``tests/synthetic.py``.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 
 import pytest
@@ -278,15 +280,44 @@ def test_batched_query_logits_equal_per_task_adapt(kind, batch):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_one_backbone_call_per_batch(kind, batch):
-    method = make_method(kind)
+def test_batchnorm_statistics_never_mix_episodes(kind, batch):
+    """Training: one backbone call per episode, so a meta-batch's loss and gradient are the means of
+    its episodes' (what makes a meta-batch split across processes exact); eval: one call in all."""
+    method = make_method(kind).double()
     backbone = method.embedding if isinstance(method, RelationNetwork) else method.backbone
     calls: list[int] = []
     backbone.register_forward_hook(lambda _m, inputs, _out: calls.append(inputs[0].shape[0]))
-    method.loss(batch)
-    assert calls == [
-        batch.support.shape[0] * batch.support.shape[1] + batch.query.shape[0] * batch.query.shape[1]
-    ]
+    batch = dataclasses.replace(batch, support=batch.support.double(), query=batch.query.double())
+    per_episode = batch.support.shape[1] + batch.query.shape[1]
+    start = copy.deepcopy(method.state_dict())
+    loss, _ = method.loss(batch)
+    assert calls == [per_episode] * batch.tasks
+    after_batch = copy.deepcopy(method.state_dict())
+    grads = torch.autograd.grad(loss, list(method.parameters()), allow_unused=True)
+    parts, running = [], []
+    for part in batch.split([1] * batch.tasks):
+        for name, module in method.named_modules():  # fresh tensors: autograd holds the used ones
+            for key in module._buffers:
+                module._buffers[key] = start[f"{name}.{key}" if name else key].clone()
+        parts.append(method.loss(part)[0])
+        running.append(copy.deepcopy(method.state_dict()))
+    mean = torch.stack(parts).mean()
+    # running statistics: one update per meta-batch, with the mean of the episodes' statistics
+    buffers = [k for k, v in after_batch.items() if "running" in k]
+    assert buffers or kind == "matching-fce"
+    for key in buffers:
+        torch.testing.assert_close(after_batch[key], torch.stack([r[key] for r in running]).mean(0))
+        assert not torch.equal(after_batch[key], start[key])
+    torch.testing.assert_close(loss, mean)
+    expected = torch.autograd.grad(mean, list(method.parameters()), allow_unused=True)
+    for g, h in zip(grads, expected, strict=True):
+        if g is not None:
+            torch.testing.assert_close(g, h)
+    method.eval()
+    calls.clear()
+    with torch.no_grad():
+        method.query_logits(batch)
+    assert calls == [batch.tasks * per_episode]
 
 
 @pytest.mark.parametrize("kind", KINDS)

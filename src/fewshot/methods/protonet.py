@@ -18,6 +18,7 @@ from torch import nn
 from fewshot.data.episodes import EpisodeBatch
 from fewshot.errors import EpisodeError
 from fewshot.methods.base import Method
+from fewshot.models.norm import one_running_update
 
 Distance = Literal["euclidean", "cosine"]
 
@@ -106,14 +107,25 @@ def check_query(query: torch.Tensor, example_shape: tuple[int, ...]) -> None:
 
 
 def embed_batch(backbone: nn.Module, batch: EpisodeBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Embed all support and query examples of all tasks in one backbone call.
+    """Embed the support and query examples of every task.
 
     Returns support embeddings (T, S, *f) and query embeddings (T, M, *f),
     where ``f`` is whatever the backbone outputs per example (a vector or a
-    feature map).
+    feature map). In training mode each episode is its own backbone call, so
+    BatchNorm's batch statistics come from one task and never mix tasks, and
+    the running statistics take one update per meta-batch: a meta-batch split
+    across processes then gives the same meta-gradient and the same model as
+    one process. In eval mode (running statistics) all tasks share one call.
     """
     t, s = batch.support.shape[:2]
     m = batch.query.shape[1]
+    if backbone.training and t > 1:
+        parts = []
+        with one_running_update(backbone) as task_done:
+            for episode in batch.split([1] * t):
+                parts.append(embed_batch(backbone, episode))
+                task_done()
+        return torch.cat([p for p, _ in parts]), torch.cat([q for _, q in parts])
     z = backbone(torch.cat([batch.support.flatten(0, 1), batch.query.flatten(0, 1)]))
     return z[: t * s].unflatten(0, (t, s)), z[t * s :].unflatten(0, (t, m))
 

@@ -26,6 +26,7 @@ from fewshot.methods.protonet import (
     embed_batch,
 )
 from fewshot.models.backbones import conv_block
+from fewshot.models.norm import one_running_update
 
 RelationLoss = Literal["mse", "ce"]
 Aggregate = Literal["sum", "mean"]
@@ -211,11 +212,18 @@ class RelationNetwork(Method):
     def _batch_relations(self, batch: EpisodeBatch) -> torch.Tensor:
         ways = check_batch(batch)
         self._check_image_shape(tuple(batch.support.shape[2:]))
+        if self.training and batch.tasks > 1:  # BatchNorm statistics of one task at a time
+            parts = []
+            with one_running_update(self) as task_done:
+                for episode in batch.split([1] * batch.tasks):
+                    parts.append(self._batch_relations(episode))
+                    task_done()
+            return torch.cat(parts)
         support, query = embed_batch(self.embedding, batch)
         return self.relations(query, self.class_maps(support, batch.support_labels, ways))
 
     def query_logits(self, batch: EpisodeBatch) -> torch.Tensor:
-        """Logits (T, M, N) for every task, from a single embedding call."""
+        """Logits (T, M, N) for every task (one embedding call in eval mode)."""
         return self.output(self._batch_relations(batch))
 
     def loss(self, batch: EpisodeBatch) -> tuple[torch.Tensor, dict[str, float]]:

@@ -7,7 +7,7 @@ layer worthwhile:
 * Second-order meta-gradients through ``F.batch_norm`` are wrong when the
   task dimension is vectorised with ``torch.func.vmap`` and the outer
   gradient is taken outside the ``vmap`` (functorch issue #534, pytorch
-  issue #196699; see ``/work/shared/NOTES.md``). Written with elementary
+  issue #196699). Written with elementary
   operations (mean, variance, normalise, scale, shift) the meta-gradient is
   exact, which the tests check against a plain loop in float64.
 * Non-transductive evaluation normalises queries with the *support* set's
@@ -25,7 +25,7 @@ buffers, which these methods never use.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 
 import torch
@@ -209,3 +209,42 @@ def conv_batch_norm_folded(
     out_h = height + 2 * padding - k + 1
     out_w = width + 2 * padding - k + 1
     return out.view(batch, out_h, out_w, -1).permute(0, 3, 1, 2)
+
+
+@contextlib.contextmanager
+def one_running_update(module: nn.Module) -> Iterator[Callable[[], None]]:
+    """Forward several tasks one by one, normalising each by its own batch statistics, while
+    the running statistics take a single update with the tasks' mean.
+
+    Call the yielded ``task_done()`` after each task's forward pass. Each task
+    then starts from the same running statistics, and at the end they are set
+    to the mean of the tasks' updated ones: ``(1 - m) r + m * mean(task stats)``.
+    That update is linear in the tasks, so a meta-batch split across processes
+    and averaged (``distributed.average_buffers``) ends with exactly the
+    running statistics of one process, and so with the same evaluation.
+
+    Buffers are replaced by fresh tensors rather than overwritten, because
+    autograd keeps the ones a BatchNorm forward pass used for its backward.
+    """
+    slots = [(m, name) for m in module.modules() for name, b in m._buffers.items() if b is not None]
+    if not module.training or not slots:
+        yield lambda: None
+        return
+    start = [m._buffers[name] for m, name in slots]
+    seen: list[list[torch.Tensor]] = []
+
+    def fresh() -> None:
+        for (m, name), value in zip(slots, start, strict=True):
+            m._buffers[name] = value.detach().clone()
+
+    def task_done() -> None:
+        seen.append([m._buffers[name] for m, name in slots])
+        fresh()
+
+    fresh()
+    yield task_done
+    with torch.no_grad():
+        for i, (m, name) in enumerate(slots):
+            values = [s[i] for s in seen] or [start[i]]
+            first = values[0]
+            m._buffers[name] = torch.stack(values).mean(0) if first.is_floating_point() else first.clone()
