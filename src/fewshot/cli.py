@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from fewshot import __version__
@@ -118,6 +119,7 @@ def _train(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from fewshot.config import ConfigError, load_config
+    from fewshot.engine import distributed
     from fewshot.engine.runs import evaluate_run, load_run
     from fewshot.engine.train import train
 
@@ -139,20 +141,28 @@ def _train(args: argparse.Namespace) -> None:
         if not args.config:
             raise ConfigError("Name a preset (`fewshot presets` lists them) or a .yaml config to train.")
         config = load_config(args.config, overrides)
+    distributed.init_from_env(config.train.threads)
+    # under torchrun rank 0 picks the run directory and is the only one to write it
     run_dir = Path(args.run_dir) if args.run_dir else _fresh_run_dir(Path("runs") / config.name)
+    run_dir = distributed.broadcast_object(run_dir)
     result = train(config, run_dir, resume=args.resume)
     best = (
         ""
         if result.best_val is None
         else f", best validation {result.best_val:.4f} at step {result.best_step}"
     )
-    print(
-        f"trained {config.name}: {result.steps} steps in {result.wall_time_s:.0f} s{best}; run in {run_dir}"
-    )
+    main = distributed.is_main()
+    if main:
+        procs = f" on {distributed.world_size()} processes" if distributed.active() else ""
+        print(
+            f"trained {config.name}: {result.steps} steps in {result.wall_time_s:.0f} s{procs}{best}; "
+            f"run in {run_dir}"
+        )
     if args.evaluate:
         outcome = evaluate_run(load_run(run_dir), data_root=args.data_root)
-        (run_dir / "eval.json").write_text(__import__("json").dumps(outcome.to_dict(), indent=2) + "\n")
-        print(f"test {outcome.line()}")
+        if main:
+            (run_dir / "eval.json").write_text(__import__("json").dumps(outcome.to_dict(), indent=2) + "\n")
+            print(f"test {outcome.line()}")
 
 
 def _fresh_run_dir(base):
@@ -167,8 +177,10 @@ def _fresh_run_dir(base):
 def _eval(args: argparse.Namespace) -> None:
     import json
 
+    from fewshot.engine import distributed
     from fewshot.engine.runs import evaluate_run, load_run
 
+    distributed.init_from_env()  # under torchrun the episodes are shared out across ranks
     outcome = evaluate_run(
         load_run(args.checkpoint),
         args.split,
@@ -179,7 +191,8 @@ def _eval(args: argparse.Namespace) -> None:
         args.seed,
         args.data_root,
     )
-    print(json.dumps(outcome.to_dict()) if args.json else outcome.line())
+    if distributed.is_main():
+        print(json.dumps(outcome.to_dict()) if args.json else outcome.line())
 
 
 def _predict(args: argparse.Namespace) -> None:
@@ -248,16 +261,21 @@ def main(argv: list[str] | None = None) -> int:
             _predict(args)
     except FewShotError as exc:
         code = getattr(exc, "exit_code", 2)
+        if code == 130 and int(os.environ.get("RANK", "0")) > 0:
+            return code  # under torchrun, rank 0 says where the state was saved
         print(f"fewshot: {'stopped' if code == 130 else 'error'}: {exc}", file=sys.stderr)
         return code
     except KeyboardInterrupt:
         print("fewshot: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # output piped into e.g. `head`: stop quietly
-        import os
-
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    finally:
+        if args.command in ("train", "eval"):
+            from fewshot.engine import distributed
+
+            distributed.shutdown()
     return 0
 
 

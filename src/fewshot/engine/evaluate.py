@@ -15,6 +15,7 @@ import torch
 
 from fewshot.data.datasets import FewShotDataset
 from fewshot.data.sampler import EpisodeSampler
+from fewshot.engine import distributed
 from fewshot.methods.base import Method
 
 
@@ -66,16 +67,17 @@ def episode_accuracies(method: Method, sampler: EpisodeSampler, episodes: int, c
     """Per-episode query accuracy over episodes 0..episodes-1 of ``sampler`` (tasks=1 sampler)."""
     was_training = method.training
     method.eval()
-    out = []
+    mine = distributed.shard(episodes)  # under torchrun each rank takes a share; all get all results
+    out = [torch.zeros(0, dtype=torch.float64)]
     try:
-        for first in range(0, episodes, chunk):
-            batch = sampler.episodes(first, min(chunk, episodes - first))
+        for first in range(mine.start, mine.stop, chunk):
+            batch = sampler.episodes(first, min(chunk, mine.stop - first))
             with torch.no_grad():
                 logits = method.query_logits(batch)
             out.append((logits.argmax(-1) == batch.query_labels).double().mean(-1))
     finally:
         method.train(was_training)
-    return torch.cat(out)
+    return distributed.gather_cat(torch.cat(out))
 
 
 def evaluate(

@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from fewshot.config import Config, from_dict
-from fewshot.engine import checkpoint
+from fewshot.engine import checkpoint, distributed
 from fewshot.engine.checkpoint import CheckpointError
 from fewshot.engine.evaluate import EvalResult, evaluate, mean_ci95
 from fewshot.engine.setup import load_split
@@ -45,10 +45,15 @@ def resolve(path: str | Path) -> Path:
     return path
 
 
+def _read(path: str | Path) -> tuple[Path, dict]:
+    file = resolve(path)
+    return file, checkpoint.load(file)
+
+
 def load_run(path: str | Path, expect_method: str | None = None) -> LoadedRun:
     """Rebuild the method of a checkpoint and load its weights (no pickled code is executed)."""
-    file = resolve(path)
-    state = checkpoint.load(file)
+    # under torchrun the run directory is on rank 0's machine: it reads, every rank receives
+    file, state = distributed.on_main(lambda: _read(path))
     config = from_dict(yaml.safe_load(state["config"]), where=f"in checkpoint {file}")
     if expect_method is not None and state["method_name"] != expect_method:
         raise CheckpointError(f"{file} is a {state['method_name']} checkpoint, not {expect_method}.")

@@ -16,6 +16,7 @@ from fewshot.config import Config
 from fewshot.data.datasets import FewShotDataset, load_dataset
 from fewshot.data.episodes import EpisodeBatch
 from fewshot.data.sampler import EpisodeSampler, check_episode_shape
+from fewshot.engine import distributed
 from fewshot.engine.evaluate import episode_accuracies
 from fewshot.methods.base import Method
 from fewshot.methods.registry import build_method
@@ -27,14 +28,36 @@ VAL_SEED_OFFSET = 1
 
 def load_split(config: Config, split: str, progress: bool = True) -> FewShotDataset:
     d = config.data
-    return load_dataset(
-        d.dataset,
-        split,
-        data_root=d.data_root,
-        image_size=d.image_size,
-        rotations=d.rotations,
-        progress=progress,
-    )
+    with distributed.main_first():  # under torchrun, one process per machine builds the data cache
+        return load_dataset(
+            d.dataset,
+            split,
+            data_root=d.data_root,
+            image_size=d.image_size,
+            rotations=d.rotations,
+            progress=progress and distributed.is_main(),
+        )
+
+
+class RankShare(torch.utils.data.Dataset):
+    """This rank's slice of every meta-batch: tasks r*T/N .. (r+1)*T/N - 1 of batch k.
+
+    An episode sampler draws only those episodes (episode j depends only on
+    (seed, j)); sinusoid batches are drawn whole and sliced.
+    """
+
+    def __init__(self, sampler: torch.utils.data.Dataset, meta_batch: int) -> None:
+        self.sampler, self.meta_batch = sampler, meta_batch
+        self.per_rank = distributed.check_meta_batch(meta_batch)
+        self.rank, self.world = distributed.rank(), distributed.world_size()
+
+    def __len__(self) -> int:
+        return len(self.sampler)  # type: ignore[arg-type]
+
+    def __getitem__(self, k: int) -> EpisodeBatch:
+        if isinstance(self.sampler, EpisodeSampler):
+            return self.sampler.episodes(k * self.meta_batch + self.rank * self.per_rank, self.per_rank)
+        return self.sampler[k].split([self.per_rank] * self.world)[self.rank]
 
 
 @dataclass
@@ -49,14 +72,17 @@ class Experiment:
 
     def batches(self, start: int) -> Iterator[EpisodeBatch]:
         """Training batches start, start+1, ...: batch k is the same whatever the start."""
+        sampler = self.train_sampler
+        if distributed.active():
+            sampler = RankShare(sampler, self.config.train.meta_batch)
         workers = self.config.data.num_workers
         if workers == 0:
             step = start
             while True:
-                yield self.train_sampler[step]
+                yield sampler[step]
                 step += 1
         indices = range(start, self.config.train.steps)
-        subset = torch.utils.data.Subset(self.train_sampler, indices)
+        subset = torch.utils.data.Subset(sampler, indices)
         yield from torch.utils.data.DataLoader(
             subset, batch_size=None, num_workers=workers, persistent_workers=False
         )

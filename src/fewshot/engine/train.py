@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from fewshot.config import Config, to_yaml
-from fewshot.engine import checkpoint
+from fewshot.engine import checkpoint, distributed
 from fewshot.engine.setup import Experiment, build_experiment
 from fewshot.errors import FewShotError
 
@@ -128,7 +128,11 @@ class Trainer:
         }
 
     def save(self, path: Path | None = None) -> Path:
-        return checkpoint.save_atomic(self.state(), path or self.last_path)
+        """Write a checkpoint (rank 0 only under torchrun: every rank holds the same state)."""
+        path = path or self.last_path
+        if distributed.is_main():
+            checkpoint.save_atomic(self.state(), path)
+        return path
 
     def restore(self, state: dict[str, Any]) -> None:
         self.method.load_state_dict(state["method"])
@@ -142,13 +146,15 @@ class Trainer:
 
     # --- logging ---------------------------------------------------------------------------------
     def _log(self, record: dict[str, Any]) -> None:
+        if not distributed.is_main():
+            return
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
 
     def _truncate_metrics(self, step: int) -> None:
         """Drop records written after the checkpoint we resume from, so no step is logged twice."""
         path = self.run_dir / "metrics.jsonl"
-        if path.is_file():
+        if distributed.is_main() and path.is_file():
             keep = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
             path.write_text("".join(line + "\n" for line in keep))
 
@@ -160,15 +166,19 @@ class Trainer:
     def run(self, stop_at: int | None = None) -> TrainResult:
         """Train until ``train.steps`` (or ``stop_at``, which acts like an interrupt, for tests)."""
         t = self.config.train
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(to_yaml(self.config))
+        main = distributed.is_main()
+        if main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(to_yaml(self.config))
+        distributed.broadcast_module(self.method)  # every rank starts from rank 0's weights
+        world = distributed.world_size()
         self.method.train()
         bar = tqdm(
             total=t.steps,
             initial=self.step,
             desc=self.config.name,
             unit="step",
-            disable=None if self.progress else True,
+            disable=None if self.progress and main else True,
             dynamic_ncols=True,
         )
         window: list[tuple[float, float]] = []
@@ -178,29 +188,34 @@ class Trainer:
                 started = time.perf_counter()
                 batch = next(batches)
                 loss, metrics = self.method.loss(batch)
-                if not torch.isfinite(loss):
+                # under torchrun: the mean over ranks, so every rank logs and stops alike
+                loss_value, *values = distributed.mean_scalars([loss.item(), *metrics.values()])
+                metrics = dict(zip(metrics, values, strict=True))
+                if not math.isfinite(loss_value):
                     self.save()
                     raise TrainingStopped(
-                        f"The meta-training loss became {loss.item()} at step {self.step}; the last good "
+                        f"The meta-training loss became {loss_value} at step {self.step}; the last good "
                         f"state is saved in {self.last_path}. Lower train.lr, set train.grad_clip, or "
                         "check the data, then resume with --resume."
                     )
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                distributed.average_gradients(self.method)
                 if t.grad_clip is not None:
                     torch.nn.utils.clip_grad_norm_(self.method.parameters(), t.grad_clip)
                 self.optimizer.step()
+                distributed.average_buffers(self.method)
                 self.scheduler.step()
                 self.step += 1
                 took = time.perf_counter() - started
                 self.elapsed += took
-                window = [*window[-49:], (took, float(batch.tasks))]
+                window = [*window[-49:], (took, float(batch.tasks * world))]
                 tasks_per_s = sum(n for _, n in window) / sum(s for s, _ in window)
                 bar.update(1)
                 if self.step % t.log_every == 0 or self.step == t.steps:
                     record = {
                         "step": self.step,
-                        "loss": float(loss.item()),
+                        "loss": loss_value,
                         **metrics,
                         "tasks_per_s": tasks_per_s,
                         "lr": self.scheduler.get_last_lr()[0],
@@ -208,7 +223,7 @@ class Trainer:
                     }
                     self._log(record)
                     bar.set_postfix(
-                        loss=f"{loss.item():.3f}",
+                        loss=f"{loss_value:.3f}",
                         acc=f"{metrics.get('accuracy', math.nan):.3f}",
                         tasks_s=f"{tasks_per_s:.1f}",
                     )
@@ -216,14 +231,20 @@ class Trainer:
                     self._validate_and_select()
                 if self.step % t.checkpoint_every == 0 or self.step == t.steps:
                     self.save()
-                if flag or (stop_at is not None and self.step >= stop_at and self.step < t.steps):
+                signalled = distributed.any_rank(bool(flag))  # a signal may reach only some ranks
+                if signalled or (stop_at is not None and self.step >= stop_at and self.step < t.steps):
                     self.save()
-                    why = signal.Signals(flag["signal"]).name if flag else f"stop_at={stop_at}"
+                    launcher = f"torchrun --nproc-per-node {world} -m " if world > 1 else ""
+                    why = f"stop_at={stop_at}"
+                    if signalled:
+                        why = signal.Signals(flag["signal"]).name if flag else "a signal to another rank"
                     raise Interrupted(
                         f"Training stopped by {why} at step {self.step}/{t.steps}; state saved in "
-                        f"{self.last_path}. Resume with: fewshot train --run-dir {self.run_dir} --resume"
+                        f"{self.last_path}. Resume with: "
+                        f"{launcher}fewshot train --run-dir {self.run_dir} --resume"
                     )
-        self.plot()
+        if main:
+            self.plot()
         return TrainResult(self.run_dir, self.step, self.best_step, self.best_val, self.elapsed)
 
     def _validate_and_select(self) -> None:
@@ -239,8 +260,10 @@ class Trainer:
         )
         if self.best_val is None or score > self.best_val:
             self.best_val, self.best_step = score, self.step
-            checkpoint.save_atomic({**self.state(), "selected_by": "validation"}, self.best_path)
-        self.plot()
+            if distributed.is_main():
+                checkpoint.save_atomic({**self.state(), "selected_by": "validation"}, self.best_path)
+        if distributed.is_main():
+            self.plot()
 
     def plot(self) -> Path:
         from fewshot.engine.plots import learning_curve
@@ -258,21 +281,26 @@ def train(
     stop_at: int | None = None,
 ) -> TrainResult:
     """Meta-train ``config`` into ``run_dir``; with ``resume``, continue from its last checkpoint."""
+    distributed.init_from_env(config.train.threads)
     run_dir = Path(run_dir)
     last = run_dir / "checkpoints" / "last.pt"
-    if last.exists() and not resume:
-        raise FewShotError(
-            f"{run_dir} already holds a run (checkpoints/last.pt). Continue it with --resume, "
-            "or choose another --run-dir."
-        )
-    if resume and not last.exists():
-        raise FewShotError(f"Nothing to resume: {last} does not exist. Drop --resume to start a new run.")
+
+    def check_run_dir() -> None:
+        if last.exists() and not resume:
+            raise FewShotError(
+                f"{run_dir} already holds a run (checkpoints/last.pt). Continue it with --resume, "
+                "or choose another --run-dir."
+            )
+        if resume and not last.exists():
+            raise FewShotError(f"Nothing to resume: {last} does not exist. Drop --resume to start a new run.")
+
+    distributed.on_main(check_run_dir)  # rank 0's machine holds the run directory
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     torch.manual_seed(config.seed)
     trainer = Trainer(config, run_dir, progress)
     if resume:
-        state = checkpoint.load(last)
+        state = distributed.on_main(lambda: checkpoint.load(last))
         if state["method_name"] != config.method.name:
             raise FewShotError(f"{last} is a {state['method_name']} run, not {config.method.name}.")
         trainer.restore(state)
