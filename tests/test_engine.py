@@ -139,7 +139,9 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("method", [FAMILIES[0], FAMILIES[3]], ids=["protonet", "maml"])
 def test_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path, dataset_root, method):
-    path = write_config(tmp_path, dataset_root, method, train={"steps": 6, "checkpoint_every": 100})
+    path = write_config(
+        tmp_path, dataset_root, method, train={"steps": 6, "checkpoint_every": 100, "keep_every": 2}
+    )
     config = load_config(str(path))
     train(config, tmp_path / "straight", progress=False)
     with pytest.raises(Interrupted, match="stop_at=3 at step 3/6"):
@@ -147,6 +149,9 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path, datase
     assert checkpoint.load(tmp_path / "broken" / "checkpoints" / "last.pt")["step"] == 3
     train(config, tmp_path / "broken", resume=True, progress=False)
     a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "broken")
+    kept = sorted(p.name for p in (tmp_path / "straight" / "checkpoints").glob("step-*.pt"))
+    assert kept == ["step-000002.pt", "step-000004.pt", "step-000006.pt"]
+    assert checkpoint.load(tmp_path / "straight" / "checkpoints" / "step-000004.pt")["step"] == 4
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key

@@ -88,6 +88,8 @@ class TrainConfig(Section):
     val_every: int = Field(500, ge=1)
     val_episodes: int = Field(200, ge=1)
     checkpoint_every: int = Field(500, ge=1)
+    keep_every: int | None = Field(None, ge=1)
+    """Also keep checkpoints/step-NNNNNN.pt every this many steps (for learning curves)."""
     log_every: int = Field(10, ge=1)
     threads: int | None = Field(None, ge=1)
 

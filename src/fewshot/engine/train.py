@@ -88,7 +88,8 @@ def _stop_on_signals() -> Iterator[dict[str, int]]:
 
 
 class Trainer:
-    """One run directory: config.yaml, metrics.jsonl, checkpoints/{last,best}.pt, learning_curve.png."""
+    """One run directory: config.yaml, metrics.jsonl, checkpoints/{last,best}.pt, learning_curve.png
+    (and checkpoints/step-NNNNNN.pt every ``train.keep_every`` steps)."""
 
     def __init__(self, config: Config, run_dir: Path, progress: bool = True) -> None:
         self.config = config
@@ -231,6 +232,8 @@ class Trainer:
                     self._validate_and_select()
                 if self.step % t.checkpoint_every == 0 or self.step == t.steps:
                     self.save()
+                if t.keep_every and self.step % t.keep_every == 0:
+                    self.save(self.run_dir / "checkpoints" / f"step-{self.step:06d}.pt")
                 signalled = distributed.any_rank(bool(flag))  # a signal may reach only some ranks
                 if signalled or (stop_at is not None and self.step >= stop_at and self.step < t.steps):
                     self.save()

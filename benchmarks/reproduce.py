@@ -1,0 +1,172 @@
+"""Reproduce one row of docs/results.md: train a preset, meta-test it, print the row.
+
+    python benchmarks/reproduce.py maml omniglot-5w1s            # the full preset
+    python benchmarks/reproduce.py maml omniglot-5w1s --steps 7000 --keep-every 500 --curve
+
+trains ``<method>-<setting>`` (``fewshot presets`` lists them) into
+``runs/reproduce/<preset>`` (resuming it if it was stopped), evaluates the
+checkpoint selected on validation episodes on ``--episodes`` fixed test
+episodes (the preset's evaluation seed, so a rerun meets the same tasks), and
+prints the row beside the published figure. ``--steps`` cuts the schedule
+(the first N steps of the full run: the learning-rate schedule is unchanged,
+so this is the full run's prefix) and the row says so.
+
+``--curve`` meta-tests every checkpoint kept by ``--keep-every`` on
+``--curve-episodes`` test episodes and plots test accuracy against training
+wall time (the engine's clock counts training steps only: no validation,
+checkpointing or evaluation), written to the run directory and, with
+``--plot``, to a path of your choice. Needs FEWSHOT_DATA (or a download).
+
+The last line is one JSON object of the row's figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from fewshot.config import load_config
+from fewshot.engine import checkpoint
+from fewshot.engine.runs import evaluate_run, load_run
+from fewshot.engine.train import train
+
+
+def machine() -> str:
+    return f"{torch.get_num_threads()} threads, {platform.machine()}, torch {torch.__version__}"
+
+
+def curve(run_dir: Path, episodes: int, steps: set[int] | None) -> list[dict[str, float]]:
+    """Test accuracy of the kept checkpoints (those at ``steps``, or all), against training wall time."""
+    points = []
+    for path in sorted((run_dir / "checkpoints").glob("step-*.pt")):
+        if steps is not None and int(path.stem.split("-")[1]) not in steps:
+            continue
+        state = checkpoint.load(path)
+        result = evaluate_run(load_run(path), episodes=episodes)
+        points.append(
+            {
+                "step": int(state["step"]),
+                "train_s": round(float(state["elapsed"]), 1),
+                "accuracy": result.accuracy,
+                "ci95": result.ci95,
+            }
+        )
+        print(
+            f"  step {points[-1]['step']:6d}  {points[-1]['train_s'] / 60:6.1f} min  "
+            f"{100 * result.accuracy:.2f}% ± {100 * result.ci95:.2f}%",
+            flush=True,
+        )
+    return points
+
+
+def plot_curve(
+    points: list[dict[str, float]], title: str, targets: list[tuple[float, float]], out: Path
+) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    minutes = [p["train_s"] / 60 for p in points]
+    acc = [100 * p["accuracy"] for p in points]
+    ci = [100 * p["ci95"] for p in points]
+    ax.errorbar(minutes, acc, yerr=ci, marker="o", ms=3, capsize=2, label="fewshot (test, 95% CI)")
+    for minute, accuracy in targets:
+        ax.plot([minute], [accuracy], "r*", ms=10)
+    if targets:
+        ax.plot([], [], "r*", label="target (half learn2learn's time)")
+    ax.set_xlabel("training wall time (min, 2-core CPU; evaluation excluded)")
+    ax.set_ylabel("5-way test accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("method", help="maml, fomaml, reptile, metasgd, anil, protonet, matching, relation")
+    parser.add_argument("setting", help="e.g. omniglot-5w1s, omniglot-20w5s")
+    parser.add_argument("--steps", type=int, help="cut the schedule to its first N steps")
+    parser.add_argument("--episodes", type=int, default=1000, help="test episodes (default 1000)")
+    parser.add_argument("--keep-every", type=int, help="keep a checkpoint every N steps (for --curve)")
+    parser.add_argument("--curve", action="store_true", help="test every kept checkpoint; plot")
+    parser.add_argument("--curve-episodes", type=int, default=600)
+    parser.add_argument("--curve-steps", help="kept checkpoints to test, e.g. 500,1000 (default all)")
+    parser.add_argument("--target", action="append", default=[], metavar="MIN:ACC", help="mark on the plot")
+    parser.add_argument("--plot", type=Path, help="also write the time-to-accuracy plot here")
+    parser.add_argument("--runs", type=Path, default=Path("runs/reproduce"))
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args()
+
+    preset = f"{args.method}-{args.setting}"
+    overrides = list(args.overrides)
+    full = load_config(preset)
+    if args.steps:
+        overrides.append(f"train.steps={args.steps}")
+    if args.keep_every:
+        overrides.append(f"train.keep_every={args.keep_every}")
+    config = load_config(preset, overrides)
+    run_dir = args.runs / preset
+    resume = (run_dir / "checkpoints" / "last.pt").is_file()
+    started = time.perf_counter()
+    if resume and checkpoint.load(run_dir / "checkpoints" / "last.pt")["step"] >= config.train.steps:
+        print(f"{run_dir} is already trained to {config.train.steps} steps", flush=True)
+    else:
+        result = train(config, run_dir, resume=resume)
+        print(f"trained {preset}: {result.steps} steps, {result.wall_time_s:.0f} s of training", flush=True)
+    wall = time.perf_counter() - started
+    state = checkpoint.load(run_dir / "checkpoints" / "last.pt")
+    outcome = evaluate_run(load_run(run_dir), episodes=args.episodes)
+    print(f"test {outcome.line()}")
+    published = full.published
+    row: dict[str, object] = {
+        "preset": preset,
+        "accuracy": round(100 * outcome.accuracy, 2),
+        "ci95": round(100 * outcome.ci95, 2),
+        "published": published.accuracy,
+        "published_ci95": published.ci95,
+        "source": published.source,
+        "episodes": outcome.episodes,
+        "ways": outcome.ways,
+        "shots": outcome.shots,
+        "split": f"{outcome.dataset} {outcome.split} (Vinyals), rotations as classes",
+        "batchnorm": outcome.batchnorm,
+        "steps": int(state["step"]),
+        "preset_steps": full.train.steps,
+        "schedule_cut": config.train.steps < full.train.steps,
+        "train_min": round(float(state["elapsed"]) / 60, 1),
+        "command_wall_min": round(wall / 60, 1),
+        "seed": config.seed,
+        "eval_seed": config.eval.seed,
+        "overrides": overrides,
+        "machine": machine(),
+    }
+    if published.accuracy is not None:
+        low = 100 * (outcome.accuracy + outcome.ci95)
+        row["meets_published"] = bool(low >= published.accuracy)
+    if args.curve:
+        print(f"time to accuracy ({args.curve_episodes} test episodes per point):", flush=True)
+        wanted = {int(v) for v in args.curve_steps.split(",")} if args.curve_steps else None
+        points = curve(run_dir, args.curve_episodes, wanted)
+        row["curve"] = points
+        (run_dir / "curve.json").write_text(json.dumps(points, indent=1) + "\n")
+        targets = [tuple(float(v) for v in t.split(":")) for t in args.target]
+        for out in [run_dir / "time_to_accuracy.png", *([args.plot] if args.plot else [])]:
+            plot_curve(points, f"{preset} ({outcome.batchnorm} BatchNorm)", targets, out)
+    (run_dir / "row.json").write_text(json.dumps(row, indent=1) + "\n")
+    print(json.dumps(row))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
