@@ -49,7 +49,8 @@ Peak RSS (base ~297 MB): loop 355 / 338-339 MB (SO / FO); default vmap path
 562-574 / 467-474 MB; vmap with the whole meta-batch at once 765 / 603 MB; naive vmap
 1148 MB.
 
-* Elementary-op batch norm (needed anyway: NOTES.md's second-order bug) written
+* Elementary-op batch norm (needed anyway: second-order meta-gradients through
+  ``F.batch_norm`` under vmap are silently wrong, functorch #534) written
   as one ``addcmul`` with a variance about a detached pilot mean: the naive
   vmap row. The same module under the loop path is the reference row.
 * The fused forward is the big win (+45-85% over naive vmap). Most of vectorised MAML's time
@@ -79,10 +80,16 @@ Peak RSS (base ~297 MB): loop 355 / 338-339 MB (SO / FO); default vmap path
   machine that is ~235 ms, i.e. at most ~135 tasks/s with no other work at
   all, while the plain loop already runs at 32-40 tasks/s. 3x the loop would
   leave under 90 ms per meta-batch for everything that is not convolution.
+  ``torch.utils.flop_counter`` counts 1.16 GFLOP per task for the loop path's
+  second-order step (37 GFLOP per meta-batch). A profile of the default path
+  puts max-pooling's double backward (a zero-filled scatter over the 28x28x64
+  activations) at about a quarter of the step; a reshape + ``amax`` pool, whose
+  derivatives are element-wise masks, measured 46 against 67 tasks/s under
+  vmap, so it was not kept.
 
 learn2learn 0.2.0 side by side (its ``MAML.clone()/adapt()`` loop), in a
 separate virtual environment so it stays out of this project's dependencies
-(recipe from NOTES.md): install ``torch==2.14.1 torchvision==0.29.1`` there;
+(the recipe that worked here): install ``torch==2.14.1 torchvision==0.29.1`` there;
 ``pip install 'cython<3'``; ``pip download --no-deps learn2learn==0.2.0`` and
 unpack it; regenerate the C files with ``cython -3
 learn2learn/data/{meta_dataset,task_dataset,transforms}.pyx`` (the shipped
@@ -90,7 +97,8 @@ ones do not compile on Python 3.11); ``pip install`` the unpacked folder; then
 time ``l2l.algorithms.MAML(Classifier(Conv4(1, 64, 4, False), 64, 5), lr=0.4,
 first_order=...)`` with a loop of ``clone(); adapt(support loss); query
 loss.backward()`` over the 32 tasks, with the same shapes and thread count.
-NOTES.md measured it at the speed of this script's loop path.
+Timed that way on this machine it ran 19 (2nd order) and 41 (1st order)
+tasks/s, below this script's loop path.
 """
 
 from __future__ import annotations

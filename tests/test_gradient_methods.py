@@ -4,7 +4,7 @@ Exactness is checked in float64 against references written here with stock
 PyTorch (``nn.BatchNorm2d``, ``functional_call``, ``torch.autograd.grad`` in a
 loop over tasks) and against finite differences; the vectorised path is
 checked against the loop path for every method, batch-norm mode and order
-(NOTES.md: second-order gradients through batch norm under vmap can be
+(second-order gradients through F.batch_norm under vmap can be
 silently wrong). Short training runs on synthetic tasks check that every
 method learns and generalises to held-out classes.
 """
