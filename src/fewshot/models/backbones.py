@@ -53,7 +53,10 @@ class Conv4(nn.Module):
         return self.hidden * h * w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.blocks(x).flatten(1)
+        # ReLU after max-pooling: the same function (ReLU is monotone), on 4x fewer elements.
+        for conv, norm, relu, pool in self.blocks:
+            x = relu(pool(norm(conv(x))))
+        return x.flatten(1)
 
 
 class Classifier(nn.Module):
