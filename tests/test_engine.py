@@ -242,6 +242,21 @@ def test_wrong_type_names_the_key():
         load_config("protonet-omniglot-5w1s", ["train.lr=fast"])
 
 
+def test_similarity_scale_reaches_the_method():
+    from fewshot.methods.registry import build_method
+
+    def scale(preset: str, *overrides: str) -> float:
+        return float(build_method(load_config(preset, list(overrides)), (1, 28, 28)).scale)
+
+    assert scale("protonet-omniglot-5w1s", "method.name=matching") == 1.0  # the paper's formula
+    assert scale("matching-omniglot-5w1s") == 10.0  # the presets sharpen it
+    assert scale("matching-omniglot-5w1s", "method.scale=1") == 1.0
+    assert scale("protonet-omniglot-5w1s", "method.distance=cosine") == 10.0
+    assert scale("protonet-omniglot-5w1s", "method.distance=cosine", "method.scale=4") == 4.0
+    with pytest.raises(ConfigError, match="method.scale"):
+        load_config("matching-omniglot-5w1s", ["method.scale=0"])
+
+
 def test_unknown_preset_through_the_cli(capsys):
     assert main(["train", "protonet-omniglot-5w1"]) == 2
     err = capsys.readouterr().err

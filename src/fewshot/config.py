@@ -61,6 +61,9 @@ class MethodConfig(Section):
     # metric-based methods
     distance: Literal["euclidean", "cosine"] = "euclidean"
     fce: bool = False
+    # similarity multiplier before the softmax: matching (default 1, the paper's) and
+    # protonet (default 1 squared Euclidean, 10 cosine)
+    scale: float | None = Field(None, gt=0)
     relation_loss: Literal["mse", "ce"] = "mse"
 
 

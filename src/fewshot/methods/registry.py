@@ -49,8 +49,8 @@ def _metric_method(config: Config, input_shape: tuple[int, ...]) -> Method:
         return RelationNetwork(image_shape=input_shape, loss=m.relation_loss)  # type: ignore[arg-type]
     backbone, features = build_backbone(m.backbone, input_shape)
     if m.name == "protonet":
-        return PrototypicalNetwork(backbone, features, distance=m.distance)
-    return MatchingNetwork(backbone, features, fce=m.fce)
+        return PrototypicalNetwork(backbone, features, distance=m.distance, scale=m.scale)
+    return MatchingNetwork(backbone, features, fce=m.fce, scale=1.0 if m.scale is None else m.scale)
 
 
 def _gradient_method(config: Config, input_shape: tuple[int, ...]) -> Method:
