@@ -8,8 +8,10 @@ trains ``<method>-<setting>`` (``fewshot presets`` lists them) into
 checkpoint selected on validation episodes on ``--episodes`` fixed test
 episodes (the preset's evaluation seed, so a rerun meets the same tasks), and
 prints the row beside the published figure. ``--steps`` cuts the schedule
-(the first N steps of the full run: the learning-rate schedule is unchanged,
-so this is the full run's prefix) and the row says so.
+and the row says so. A step-wise learning-rate schedule (constant, or
+``step``: x gamma every step_size) is unchanged, so the cut run is the full
+run's prefix; a schedule defined by the run's length (``linear`` to 0,
+``cosine``) is fitted to the cut length, so the cut run still anneals.
 
 ``--curve`` meta-tests every checkpoint kept by ``--keep-every`` on
 ``--curve-episodes`` test episodes and plots test accuracy against training
