@@ -19,6 +19,14 @@ wall time (the engine's clock counts training steps only: no validation,
 checkpointing or evaluation), written to the run directory and, with
 ``--plot``, to a path of your choice. Needs FEWSHOT_DATA (or a download).
 
+``--trained-by PRESET`` tests the model trained by another preset whose
+training is identical (same seed, data, method, episodes and schedule; only
+the test settings differ), e.g. ``protonet omniglot-20w1s --trained-by
+protonet-omniglot-5w1s``: Snell et al. train one 60-way model and test it
+at 5 and 20 ways, and so do our presets. It trains that preset's run if
+needed and tests the checkpoint that run selected on *its own* validation
+episodes; the row records both presets.
+
 The last line is one JSON object of the row's figures.
 """
 
@@ -33,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from fewshot.config import load_config
+from fewshot.config import Config, load_config, to_yaml
 from fewshot.engine import checkpoint
 from fewshot.engine.runs import evaluate_run, load_run
 from fewshot.engine.train import train
@@ -41,6 +49,16 @@ from fewshot.engine.train import train
 
 def machine() -> str:
     return f"{torch.get_num_threads()} threads, {platform.machine()}, torch {torch.__version__}"
+
+
+TEST_ONLY = ("name", "eval", "published", "description")
+"""Config sections that do not change training."""
+
+
+def training_differences(a: Config, b: Config) -> list[str]:
+    """The training-relevant top-level config sections in which ``a`` and ``b`` differ."""
+    da, db = a.model_dump(), b.model_dump()
+    return sorted(k for k in da.keys() | db.keys() if k not in TEST_ONLY and da.get(k) != db.get(k))
 
 
 def curve(run_dir: Path, episodes: int, steps: set[int] | None) -> list[dict[str, float]]:
@@ -109,6 +127,9 @@ def main() -> None:
     parser.add_argument("--plot", type=Path, help="also write the time-to-accuracy plot here")
     parser.add_argument("--runs", type=Path, default=Path("runs/reproduce"))
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument(
+        "--trained-by", metavar="PRESET", help="test the run of this identically trained preset"
+    )
     args = parser.parse_args()
 
     preset = f"{args.method}-{args.setting}"
@@ -119,17 +140,35 @@ def main() -> None:
     if args.keep_every:
         overrides.append(f"train.keep_every={args.keep_every}")
     config = load_config(preset, overrides)
-    run_dir = args.runs / preset
+    trained_by = args.trained_by or preset
+    train_config = load_config(trained_by, overrides) if args.trained_by else config
+    if args.trained_by:
+        different = training_differences(config, train_config)
+        if different:
+            sys.exit(
+                f"--trained-by {trained_by}: it does not train like {preset} "
+                f"(different {', '.join(different)}); run {preset} on its own instead"
+            )
+    run_dir = args.runs / trained_by
     resume = (run_dir / "checkpoints" / "last.pt").is_file()
     started = time.perf_counter()
     if resume and checkpoint.load(run_dir / "checkpoints" / "last.pt")["step"] >= config.train.steps:
         print(f"{run_dir} is already trained to {config.train.steps} steps", flush=True)
     else:
-        result = train(config, run_dir, resume=resume)
-        print(f"trained {preset}: {result.steps} steps, {result.wall_time_s:.0f} s of training", flush=True)
+        result = train(train_config, run_dir, resume=resume)
+        print(
+            f"trained {trained_by}: {result.steps} steps, {result.wall_time_s:.0f} s of training", flush=True
+        )
     wall = time.perf_counter() - started
     state = checkpoint.load(run_dir / "checkpoints" / "last.pt")
-    outcome = evaluate_run(load_run(run_dir), episodes=args.episodes)
+    outcome = evaluate_run(
+        load_run(run_dir),
+        episodes=args.episodes,
+        ways=config.eval_ways,
+        shots=config.eval_shots,
+        queries=config.eval.queries,
+        seed=config.eval.seed,
+    )
     print(f"test {outcome.line()}")
     published = full.published
     row: dict[str, object] = {
@@ -154,6 +193,8 @@ def main() -> None:
         "overrides": overrides,
         "machine": machine(),
     }
+    if args.trained_by:
+        row["trained_by"] = trained_by
     if published.accuracy is not None:
         low = 100 * (outcome.accuracy + outcome.ci95)
         row["meets_published"] = bool(low >= published.accuracy)
@@ -166,7 +207,11 @@ def main() -> None:
         targets = [tuple(float(v) for v in t.split(":")) for t in args.target]
         for out in [run_dir / "time_to_accuracy.png", *([args.plot] if args.plot else [])]:
             plot_curve(points, f"{preset} ({outcome.batchnorm} BatchNorm)", targets, out)
-    (run_dir / "row.json").write_text(json.dumps(row, indent=1) + "\n")
+    row_dir = args.runs / preset
+    row_dir.mkdir(parents=True, exist_ok=True)
+    if args.trained_by:  # the run directory belongs to the training preset; record this row's config
+        (row_dir / "config.yaml").write_text(to_yaml(config))
+    (row_dir / "row.json").write_text(json.dumps(row, indent=1) + "\n")
     print(json.dumps(row))
 
 

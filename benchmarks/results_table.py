@@ -24,6 +24,8 @@ def command(row: dict) -> str:
         cmd += f" --steps {row['steps']}"
     if row["episodes"] != 1000:
         cmd += f" --episodes {row['episodes']}"
+    if row.get("trained_by"):
+        cmd += f" --trained-by {row['trained_by']}"
     for override in row.get("overrides", []):
         if not override.startswith(("train.steps=", "train.keep_every=")):  # in the row already, or no effect
             cmd += f" --set {override}"
