@@ -248,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; a FewShotError becomes one readable line and exit status 2."""
     logging.basicConfig(level=logging.WARNING, format="fewshot: %(message)s")
     args = build_parser().parse_args(argv)
+    finished = False
     try:
         if args.command == "datasets":
             _datasets(args)
@@ -259,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
             _eval(args)
         elif args.command == "predict":
             _predict(args)
+        finished = True
     except FewShotError as exc:
         code = getattr(exc, "exit_code", 2)
         if code == 130 and int(os.environ.get("RANK", "0")) > 0:
@@ -275,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ("train", "eval"):
             from fewshot.engine import distributed
 
-            distributed.shutdown()
+            distributed.shutdown(finished)
     return 0
 
 

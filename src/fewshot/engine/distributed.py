@@ -76,8 +76,14 @@ def init_from_env(threads: int | None = None) -> None:
     torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // local))
 
 
-def shutdown() -> None:
+def shutdown(finished: bool = True) -> None:
+    """Leave the process group. After a finished command every rank waits for the others first:
+    a rank that tears down gloo while a peer is still writing its checkpoint can abort
+    ("terminate called without an active exception"). After an error there is no barrier,
+    since the other ranks may never reach it; torchrun stops them."""
     if active():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
 
 
