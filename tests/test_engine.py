@@ -163,6 +163,51 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path, datase
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
+class _Killed(BaseException):
+    """Stands in for SIGKILL: nothing in the engine can catch it."""
+
+
+def test_kill_during_validation_loses_no_steps(tmp_path, dataset_root, monkeypatch):
+    path = write_config(
+        tmp_path, dataset_root, {"name": "protonet"}, train={"steps": 6, "checkpoint_every": 100}
+    )
+    config = load_config(str(path))
+    train(config, tmp_path / "straight", progress=False)
+
+    from fewshot.engine.train import Trainer
+
+    validate = Trainer.validate
+
+    def killed_at_step_4(self):
+        if self.step == 4:
+            self.exp.validate(self.method)  # the validation's work, then the kill before its record
+            raise _Killed
+        return validate(self)
+
+    monkeypatch.setattr(Trainer, "validate", killed_at_step_4)
+    with pytest.raises(_Killed):
+        train(config, tmp_path / "broken", progress=False)
+    state = checkpoint.load(tmp_path / "broken" / "checkpoints" / "last.pt")
+    assert (state["step"], state["validation_pending"]) == (4, True)
+    monkeypatch.setattr(Trainer, "validate", validate)
+    train(config, tmp_path / "broken", resume=True, progress=False)
+
+    a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "broken")
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    for name in ("last.pt", "best.pt"):
+        s, t = (checkpoint.load(tmp_path / run / "checkpoints" / name) for run in ("straight", "broken"))
+        assert (s["step"], s["best_val"], s["best_step"]) == (t["step"], t["best_val"], t["best_step"])
+        assert not t["validation_pending"]
+
+    def records(run: str) -> list[tuple[int, str]]:
+        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        return [(r["step"], "val" if "val" in r else "loss") for r in map(json.loads, lines)]
+
+    assert records("broken") == records("straight")
+    assert records("straight").count((4, "val")) == 1
+
+
 def test_sigint_saves_a_checkpoint_and_exits_cleanly(tmp_path, dataset_root):
     path = write_config(
         tmp_path,

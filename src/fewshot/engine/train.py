@@ -5,7 +5,9 @@ The loop only talks to methods through ``Method.loss`` and
 (seed, k), and the checkpoint holds weights, optimiser, scheduler, step and
 RNG state, so a run that is interrupted and resumed ends with the same
 weights as one that never stopped. SIGINT/SIGTERM save a checkpoint first;
-a non-finite loss stops with the last good state saved.
+the state is also saved just before each validation, so even a SIGKILL during
+a long validation loses no training steps; a non-finite loss stops with the
+last good state saved.
 """
 
 from __future__ import annotations
@@ -103,6 +105,7 @@ class Trainer:
         self.best_val: float | None = None
         self.best_step: int | None = None
         self.elapsed = 0.0
+        self.validation_pending = False
 
     # --- state ---------------------------------------------------------------------------------
     @property
@@ -113,7 +116,7 @@ class Trainer:
     def best_path(self) -> Path:
         return self.run_dir / "checkpoints" / "best.pt"
 
-    def state(self) -> dict[str, Any]:
+    def state(self, validation_pending: bool = False) -> dict[str, Any]:
         return {
             "config": to_yaml(self.config),
             "method_name": self.config.method.name,
@@ -126,13 +129,18 @@ class Trainer:
             "best_step": self.best_step,
             "elapsed": self.elapsed,
             "preprocess": self.exp.preprocess,
+            "validation_pending": validation_pending,
         }
 
-    def save(self, path: Path | None = None) -> Path:
-        """Write a checkpoint (rank 0 only under torchrun: every rank holds the same state)."""
+    def save(self, path: Path | None = None, validation_pending: bool = False) -> Path:
+        """Write a checkpoint (rank 0 only under torchrun: every rank holds the same state).
+
+        ``validation_pending`` marks a state saved just before validating at its step: resuming
+        from it validates (and selects ``best.pt``) first, as the interrupted run would have.
+        """
         path = path or self.last_path
         if distributed.is_main():
-            checkpoint.save_atomic(self.state(), path)
+            checkpoint.save_atomic(self.state(validation_pending), path)
         return path
 
     def restore(self, state: dict[str, Any]) -> None:
@@ -143,7 +151,8 @@ class Trainer:
         torch.set_rng_state(state["torch_rng"])
         self.best_val, self.best_step = state["best_val"], state["best_step"]
         self.elapsed = float(state.get("elapsed", 0.0))
-        self._truncate_metrics(self.step)
+        self.validation_pending = bool(state.get("validation_pending", False))
+        self._truncate_metrics(self.step, drop_val=self.validation_pending)
 
     # --- logging ---------------------------------------------------------------------------------
     def _log(self, record: dict[str, Any]) -> None:
@@ -152,11 +161,16 @@ class Trainer:
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
 
-    def _truncate_metrics(self, step: int) -> None:
-        """Drop records written after the checkpoint we resume from, so no step is logged twice."""
+    def _truncate_metrics(self, step: int, drop_val: bool = False) -> None:
+        """Drop records written after the checkpoint we resume from, so no step is logged twice
+        (with ``drop_val``, also the validation record of ``step`` itself, which will be redone)."""
+
+        def kept(record: dict[str, Any]) -> bool:
+            return record["step"] < step or (record["step"] == step and not (drop_val and "val" in record))
+
         path = self.run_dir / "metrics.jsonl"
         if distributed.is_main() and path.is_file():
-            keep = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+            keep = [line for line in path.read_text().splitlines() if kept(json.loads(line))]
             path.write_text("".join(line + "\n" for line in keep))
 
     # --- the loop --------------------------------------------------------------------------------
@@ -185,6 +199,10 @@ class Trainer:
         window: list[tuple[float, float]] = []
         batches = self.exp.batches(self.step)
         with _stop_on_signals() as flag, bar:
+            if self.validation_pending:  # resumed from a run killed while it validated
+                self._validate_and_select()
+                self.validation_pending = False
+                self.save()
             while self.step < t.steps:
                 started = time.perf_counter()
                 batch = next(batches)
@@ -228,9 +246,12 @@ class Trainer:
                         acc=f"{metrics.get('accuracy', math.nan):.3f}",
                         tasks_s=f"{tasks_per_s:.1f}",
                     )
-                if self.step % t.val_every == 0 or self.step == t.steps:
+                validating = self.step % t.val_every == 0 or self.step == t.steps
+                if validating:
+                    # saved first, so a kill during a long validation loses no training steps
+                    self.save(validation_pending=True)
                     self._validate_and_select()
-                if self.step % t.checkpoint_every == 0 or self.step == t.steps:
+                if validating or self.step % t.checkpoint_every == 0:
                     self.save()
                 if t.keep_every and self.step % t.keep_every == 0:
                     self.save(self.run_dir / "checkpoints" / f"step-{self.step:06d}.pt")
