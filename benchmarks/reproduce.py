@@ -44,7 +44,8 @@ import torch
 from fewshot.config import Config, load_config, to_yaml
 from fewshot.engine import checkpoint
 from fewshot.engine.runs import evaluate_run, load_run
-from fewshot.engine.train import train
+from fewshot.engine.train import Interrupted, train
+from fewshot.errors import FewShotError
 
 
 def machine() -> str:
@@ -155,7 +156,12 @@ def main() -> None:
     if resume and checkpoint.load(run_dir / "checkpoints" / "last.pt")["step"] >= config.train.steps:
         print(f"{run_dir} is already trained to {config.train.steps} steps", flush=True)
     else:
-        result = train(train_config, run_dir, resume=resume)
+        try:
+            result = train(train_config, run_dir, resume=resume)
+        except Interrupted as stopped:
+            sys.exit(f"{stopped}\nOr rerun this same command: it resumes the run where it stopped.")
+        except FewShotError as error:
+            sys.exit(f"error: {error}")
         print(
             f"trained {trained_by}: {result.steps} steps, {result.wall_time_s:.0f} s of training", flush=True
         )
