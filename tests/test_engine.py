@@ -167,7 +167,8 @@ class _Killed(BaseException):
     """Stands in for SIGKILL: nothing in the engine can catch it."""
 
 
-def test_kill_during_validation_loses_no_steps(tmp_path, dataset_root, monkeypatch):
+@pytest.mark.parametrize("where", ["validate", "plot"], ids=["before-its-record", "after-its-record"])
+def test_kill_during_validation_loses_no_steps(tmp_path, dataset_root, monkeypatch, where):
     path = write_config(
         tmp_path, dataset_root, {"name": "protonet"}, train={"steps": 6, "checkpoint_every": 100}
     )
@@ -176,20 +177,21 @@ def test_kill_during_validation_loses_no_steps(tmp_path, dataset_root, monkeypat
 
     from fewshot.engine.train import Trainer
 
-    validate = Trainer.validate
+    original = getattr(Trainer, where)  # validate: the kill comes before the validation record and
+    # best.pt are written; plot: after both (plot is the last thing a validation does)
 
     def killed_at_step_4(self):
+        result = original(self)
         if self.step == 4:
-            self.exp.validate(self.method)  # the validation's work, then the kill before its record
             raise _Killed
-        return validate(self)
+        return result
 
-    monkeypatch.setattr(Trainer, "validate", killed_at_step_4)
+    monkeypatch.setattr(Trainer, where, killed_at_step_4)
     with pytest.raises(_Killed):
         train(config, tmp_path / "broken", progress=False)
     state = checkpoint.load(tmp_path / "broken" / "checkpoints" / "last.pt")
     assert (state["step"], state["validation_pending"]) == (4, True)
-    monkeypatch.setattr(Trainer, "validate", validate)
+    monkeypatch.setattr(Trainer, where, original)
     train(config, tmp_path / "broken", resume=True, progress=False)
 
     a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "broken")
