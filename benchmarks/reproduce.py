@@ -4,10 +4,11 @@
     python benchmarks/reproduce.py maml omniglot-5w1s --steps 7000 --keep-every 500 --curve
 
 trains ``<method>-<setting>`` (``fewshot presets`` lists them) into
-``runs/reproduce/<preset>`` (resuming it if it was stopped), evaluates the
-checkpoint selected on validation episodes on ``--episodes`` fixed test
-episodes (the preset's evaluation seed, so a rerun meets the same tasks), and
-prints the row beside the published figure. ``--steps`` cuts the schedule
+``runs/reproduce/<preset>`` (resuming it if it was stopped; refusing a run
+trained past ``--steps``), evaluates the checkpoint selected on validation
+episodes on ``--episodes`` fixed test episodes (the preset's evaluation
+seed, so a rerun meets the same tasks), and prints the row beside the
+published figure. ``--steps`` cuts the schedule
 and the row says so. A step-wise learning-rate schedule (constant, or
 ``step``: x gamma every step_size) is unchanged, so the cut run is the full
 run's prefix; a schedule defined by the run's length (``linear`` to 0,
@@ -153,7 +154,14 @@ def main() -> None:
     run_dir = args.runs / trained_by
     resume = (run_dir / "checkpoints" / "last.pt").is_file()
     started = time.perf_counter()
-    if resume and checkpoint.load(run_dir / "checkpoints" / "last.pt")["step"] >= config.train.steps:
+    trained = checkpoint.load(run_dir / "checkpoints" / "last.pt")["step"] if resume else 0
+    if trained > config.train.steps:  # its checkpoints are not the N-step run's: refuse, not mislabel
+        sys.exit(
+            f"{run_dir} is trained to {trained} steps, past the {config.train.steps} asked for. "
+            "Train the shorter run in another folder (--runs OTHER_FOLDER; the same seed gives the same "
+            f"first steps), or test a checkpoint of this one with: fewshot eval {run_dir}/checkpoints/FILE.pt"
+        )
+    if resume and trained == config.train.steps:
         print(f"{run_dir} is already trained to {config.train.steps} steps", flush=True)
     else:
         try:
