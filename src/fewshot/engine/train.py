@@ -116,7 +116,7 @@ class Trainer:
     def best_path(self) -> Path:
         return self.run_dir / "checkpoints" / "best.pt"
 
-    def state(self, validation_pending: bool = False) -> dict[str, Any]:
+    def state(self) -> dict[str, Any]:
         return {
             "config": to_yaml(self.config),
             "method_name": self.config.method.name,
@@ -129,18 +129,14 @@ class Trainer:
             "best_step": self.best_step,
             "elapsed": self.elapsed,
             "preprocess": self.exp.preprocess,
-            "validation_pending": validation_pending,
+            "validation_pending": self.validation_pending,
         }
 
-    def save(self, path: Path | None = None, validation_pending: bool = False) -> Path:
-        """Write a checkpoint (rank 0 only under torchrun: every rank holds the same state).
-
-        ``validation_pending`` marks a state saved just before validating at its step: resuming
-        from it validates (and selects ``best.pt``) first, as the interrupted run would have.
-        """
+    def save(self, path: Path | None = None) -> Path:
+        """Write a checkpoint (rank 0 only under torchrun: every rank holds the same state)."""
         path = path or self.last_path
         if distributed.is_main():
-            checkpoint.save_atomic(self.state(validation_pending), path)
+            checkpoint.save_atomic(self.state(), path)
         return path
 
     def restore(self, state: dict[str, Any]) -> None:
@@ -201,8 +197,6 @@ class Trainer:
         with _stop_on_signals() as flag, bar:
             if self.validation_pending:  # resumed from a run killed while it validated
                 self._validate_and_select()
-                self.validation_pending = False
-                self.save()
             while self.step < t.steps:
                 started = time.perf_counter()
                 batch = next(batches)
@@ -246,12 +240,9 @@ class Trainer:
                         acc=f"{metrics.get('accuracy', math.nan):.3f}",
                         tasks_s=f"{tasks_per_s:.1f}",
                     )
-                validating = self.step % t.val_every == 0 or self.step == t.steps
-                if validating:
-                    # saved first, so a kill during a long validation loses no training steps
-                    self.save(validation_pending=True)
-                    self._validate_and_select()
-                if validating or self.step % t.checkpoint_every == 0:
+                if self.step % t.val_every == 0 or self.step == t.steps:
+                    self._validate_and_select()  # saves last.pt before and after
+                elif self.step % t.checkpoint_every == 0:
                     self.save()
                 if t.keep_every and self.step % t.keep_every == 0:
                     self.save(self.run_dir / "checkpoints" / f"step-{self.step:06d}.pt")
@@ -272,8 +263,14 @@ class Trainer:
         return TrainResult(self.run_dir, self.step, self.best_step, self.best_val, self.elapsed)
 
     def _validate_and_select(self) -> None:
+        """Validate, keep ``best.pt``, save ``last.pt``. The state is saved first, marked
+        ``validation_pending``, so a kill during a long validation loses no training steps:
+        resuming from it redoes this validation, as the interrupted run would have done."""
+        self.validation_pending = True
+        self.save()
         started = time.perf_counter()
         score = self.validate()
+        self.validation_pending = False
         self._log(
             {
                 "step": self.step,
@@ -288,6 +285,7 @@ class Trainer:
                 checkpoint.save_atomic({**self.state(), "selected_by": "validation"}, self.best_path)
         if distributed.is_main():
             self.plot()
+        self.save()
 
     def plot(self) -> Path:
         from fewshot.engine.plots import learning_curve
