@@ -84,6 +84,15 @@ Peak RSS (base ~297 MB): loop 355 / 338-339 MB (SO / FO); default vmap path
   forward-mode formulas of the convolution and batch-norm backward are no
   cheaper: 55 against 79 tasks/s in the same run, so the default stays
   reverse over reverse.
+* Rejected: ``torch.compile`` (inductor, with the system C++ compiler) of the
+  fused second-order meta-loss, the whole meta-batch under ``vmap``, timed
+  alone in one process against the same function eager. Compiled with the
+  outer gradient by ``.backward()`` (as the default path takes it): 79
+  against 76 tasks/s after 63 s of compilation. Compiled as one functional
+  ``grad(mean of vmap(task meta-loss))``: 62 against 58 tasks/s after 86 s.
+  Both compiled meta-gradients were *wrong*, 1.4 relative (float32) to the
+  eager one, while the eager variants agree exactly. A few percent of speed
+  is not worth a silently wrong gradient and a compiler requirement.
 * Why second order stops near 2.3x: its convolutions alone are about 10 conv
   passes per layer (support forward, data and weight gradients, query forward
   and backward, four terms of the double backward), about 30 GFLOP per
