@@ -18,7 +18,8 @@ run's prefix; a schedule defined by the run's length (``linear`` to 0,
 ``--curve-episodes`` test episodes and plots test accuracy against training
 wall time (the engine's clock counts training steps only: no validation,
 checkpointing or evaluation), written to the run directory and, with
-``--plot``, to a path of your choice. Needs FEWSHOT_DATA (or a download).
+``--plot``, to a path of your choice (``benchmarks/plot_curves.py`` redraws
+recorded rows' curves, several on one figure). Needs FEWSHOT_DATA (or a download).
 
 ``--trained-by PRESET`` tests the model trained by another preset whose
 training is identical (same seed, data, method, episodes and schedule; only
@@ -41,6 +42,7 @@ import time
 from pathlib import Path
 
 import torch
+from plot_curves import parse_target, plot_curve, series_label
 
 from fewshot.config import Config, load_config, to_yaml
 from fewshot.engine import checkpoint
@@ -87,34 +89,6 @@ def curve(run_dir: Path, episodes: int, steps: set[int] | None) -> list[dict[str
     return points
 
 
-def plot_curve(
-    points: list[dict[str, float]], title: str, targets: list[tuple[float, float]], out: Path
-) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    minutes = [p["train_s"] / 60 for p in points]
-    acc = [100 * p["accuracy"] for p in points]
-    ci = [100 * p["ci95"] for p in points]
-    ax.errorbar(minutes, acc, yerr=ci, marker="o", ms=3, capsize=2, label="fewshot (test, 95% CI)")
-    for minute, accuracy in targets:
-        ax.plot([minute], [accuracy], "r*", ms=10)
-    if targets:
-        ax.plot([], [], "r*", label="target (half learn2learn's time)")
-    ax.set_xlabel("training wall time (min, 2-core CPU; evaluation excluded)")
-    ax.set_ylabel("5-way test accuracy (%)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("method", help="maml, fomaml, reptile, metasgd, anil, protonet, matching, relation")
@@ -125,7 +99,9 @@ def main() -> None:
     parser.add_argument("--curve", action="store_true", help="test every kept checkpoint; plot")
     parser.add_argument("--curve-episodes", type=int, default=600)
     parser.add_argument("--curve-steps", help="kept checkpoints to test, e.g. 500,1000 (default all)")
-    parser.add_argument("--target", action="append", default=[], metavar="MIN:ACC", help="mark on the plot")
+    parser.add_argument(
+        "--target", type=parse_target, action="append", default=[], metavar="MIN:ACC", help="mark on the plot"
+    )
     parser.add_argument("--plot", type=Path, help="also write the time-to-accuracy plot here")
     parser.add_argument("--runs", type=Path, default=Path("runs/reproduce"))
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -218,9 +194,9 @@ def main() -> None:
         points = curve(run_dir, args.curve_episodes, wanted)
         row["curve"] = points
         (run_dir / "curve.json").write_text(json.dumps(points, indent=1) + "\n")
-        targets = [tuple(float(v) for v in t.split(":")) for t in args.target]
+        series = [(series_label(row), points)]
         for out in [run_dir / "time_to_accuracy.png", *([args.plot] if args.plot else [])]:
-            plot_curve(points, f"{preset} ({outcome.batchnorm} BatchNorm)", targets, out)
+            plot_curve(series, f"{preset} ({outcome.batchnorm} BatchNorm)", args.target, out)
     row_dir = args.runs / preset
     row_dir.mkdir(parents=True, exist_ok=True)
     if args.trained_by:  # the run directory belongs to the training preset; record this row's config

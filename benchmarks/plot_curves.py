@@ -1,0 +1,93 @@
+"""Plot time-to-accuracy curves from recorded rows, without rerunning anything.
+
+    python benchmarks/plot_curves.py docs/results/maml-omniglot-5w1s/row.json \
+        docs/experiments/maml-omniglot-5w1s-cosine/row.json \
+        --target 13:94.9 --target 60:97 --out docs/time_to_accuracy_maml.png
+
+Each row is a ``row.json`` written by ``benchmarks/reproduce.py --curve``
+(test accuracy of kept checkpoints against training wall time). Several rows
+share one figure, each labelled by the settings it overrode beyond its
+preset, so runs of one preset with different schedules can be compared.
+``reproduce.py`` draws its own single-run plot with the same function.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+IGNORED = ("train.steps=", "train.keep_every=", "train.val_every=", "train.val_episodes=")
+"""Overrides that do not change what a curve's points measure (length, checkpointing, validation)."""
+
+
+def series_label(row: dict) -> str:
+    """'preset schedule' or the row's meaningful overrides, e.g. 'train.schedule=cosine'."""
+    changed = [o for o in row.get("overrides", []) if not o.startswith(IGNORED)]
+    return ", ".join(changed) if changed else "preset schedule"
+
+
+def plot_curve(
+    series: list[tuple[str, list[dict[str, float]]]],
+    title: str,
+    targets: list[tuple[float, float]],
+    out: Path,
+) -> None:
+    """Test accuracy (with 95% CI) against training minutes, one line per (label, points)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, points in series:
+        minutes = [p["train_s"] / 60 for p in points]
+        acc = [100 * p["accuracy"] for p in points]
+        ci = [100 * p["ci95"] for p in points]
+        ax.errorbar(minutes, acc, yerr=ci, marker="o", ms=3, capsize=2, label=f"{label} (test, 95% CI)")
+    for minute, accuracy in targets:
+        ax.plot([minute], [accuracy], "r*", ms=10)
+    if targets:
+        ax.plot([], [], "r*", label="target (half learn2learn's time)")
+    ax.set_xlabel("training wall time (min, 2-core CPU; evaluation excluded)")
+    ax.set_ylabel("5-way test accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize="small")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def parse_target(text: str) -> tuple[float, float]:
+    """'MIN:ACC' -> (minutes, accuracy %)."""
+    try:
+        minute, accuracy = (float(v) for v in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a target is MIN:ACC, e.g. 13:94.9; got {text!r}") from None
+    return minute, accuracy
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("rows", nargs="+", type=Path, help="row.json files written with --curve")
+    parser.add_argument("--out", type=Path, required=True, help="the PNG to write")
+    parser.add_argument("--target", type=parse_target, action="append", default=[], metavar="MIN:ACC")
+    parser.add_argument("--title", help="default: the rows' preset and BatchNorm mode")
+    args = parser.parse_args()
+    rows = []
+    for path in args.rows:
+        row = json.loads(path.read_text())
+        if not row.get("curve"):
+            sys.exit(f"{path} has no curve: write it with benchmarks/reproduce.py ... --keep-every N --curve")
+        rows.append(row)
+    presets = sorted({f"{row['preset']} ({row['batchnorm']} BatchNorm)" for row in rows})
+    title = args.title or " / ".join(presets)
+    plot_curve([(series_label(row), row["curve"]) for row in rows], title, args.target, args.out)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
