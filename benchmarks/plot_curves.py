@@ -22,9 +22,19 @@ IGNORED = ("train.steps=", "train.keep_every=", "train.val_every=", "train.val_e
 """Overrides that do not change what a curve's points measure (length, checkpointing, validation)."""
 
 
+SPLIT_FILES = ("data.train_split=", "data.val_split=", "data.test_split=")
+
+
 def series_label(row: dict) -> str:
-    """'preset schedule' or the row's meaningful overrides, e.g. 'train.schedule=cosine'."""
+    """'preset schedule' or the row's meaningful overrides, e.g. 'train.schedule=cosine'.
+
+    Split files from one folder (``benchmarks/random_split.py``) are named by the folder.
+    """
     changed = [o for o in row.get("overrides", []) if not o.startswith(IGNORED)]
+    files = [o.split("=", 1)[1] for o in changed if o.startswith(SPLIT_FILES)]
+    folders = {Path(f).parent.name for f in files}
+    if len(files) == 3 and all(f.endswith(".txt") for f in files) and len(folders) == 1:
+        changed = [o for o in changed if not o.startswith(SPLIT_FILES)] + [f"split {folders.pop()}"]
     return ", ".join(changed) if changed else "preset schedule"
 
 

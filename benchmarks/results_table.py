@@ -35,6 +35,8 @@ def command(row: dict) -> str:
 def verdict(row: dict) -> str:
     if row.get("published") is None:
         return "no published figure"
+    if row.get("published_split"):
+        return f"not comparable (published on {row['published_split']} split)"
     if row.get("meets_published"):
         return "meets it"
     return "below (schedule cut)" if row["schedule_cut"] else "below"

@@ -73,6 +73,44 @@ def test_vinyals_split_from_data_root(tmp_path):
     assert trainval.num_classes == 4
 
 
+def test_split_from_a_class_list_file(tmp_path):
+    root = omniglot_root(tmp_path / "data")
+    split = tmp_path / "mine" / "train.txt"
+    split.parent.mkdir()
+    split.write_text("Gamma/character02\nAlpha/character01/rot180\n")
+    ds = load_dataset("omniglot", str(split), data_root=root, progress=False)
+    assert ds.class_names == ["Gamma/character02/rot000", "Alpha/character01/rot180"]
+    assert ds.rotation.tolist() == [0, 2]
+    plain = load_dataset("omniglot", "background", data_root=root, progress=False)
+    alpha = plain.class_names.index("Alpha/character01")
+    assert torch.equal(ds.class_images(1), torch.rot90(plain.class_images(alpha), 2, dims=(-2, -1)))
+
+
+@pytest.mark.parametrize(
+    ("text", "error", "match"),
+    [
+        (None, DataNotFoundError, "does not exist"),
+        ("\n", DataNotFoundError, "lists no classes"),
+        ("Alpha/character01/rot045\n", FewShotError, "line 1: 'Alpha/character01/rot045' is not a class"),
+        ("Alpha/character01\nAlpha\n", FewShotError, "line 2: 'Alpha' is not a class"),
+        ("Alpha/character99\n", DataNotFoundError, "classes that the data does not have"),
+    ],
+)
+def test_bad_class_list_file_names_the_line_and_the_fix(tmp_path, text, error, match):
+    root = omniglot_root(tmp_path / "data")
+    split = tmp_path / "split.txt"
+    if text is not None:
+        split.write_text(text)
+    with pytest.raises(error, match=match):
+        load_dataset("omniglot", str(split), data_root=root, progress=False)
+
+
+def test_unknown_named_split_lists_the_choices(tmp_path):
+    root = omniglot_root(tmp_path / "data")
+    with pytest.raises(FewShotError, match="no split 'training'.*or give a .txt file"):
+        load_dataset("omniglot", "training", data_root=root, progress=False)
+
+
 def test_packaged_vinyals_split_has_published_sizes():
     sizes = {s: len(vinyals_characters(None, s)) for s in ("train", "val", "test", "trainval")}
     assert sizes == {"train": 4112, "val": 688, "test": 1692, "trainval": 4800}

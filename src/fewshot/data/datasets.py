@@ -124,7 +124,8 @@ def _subset(name: str, split: str, store: Store, names: list[str], **norm) -> Fe
 OMNIGLOT_SPLITS = ("background", "evaluation", "train", "val", "test", "trainval")
 DATASETS = {
     "omniglot": "Omniglot (Lake et al. 2015): 1,623 characters x 20 drawings, 28x28 gray. "
-    "Splits: background, evaluation (Lake), train/val/test/trainval (Vinyals, rotations as classes).",
+    "Splits: background, evaluation (Lake), train/val/test/trainval (Vinyals, rotations as classes), "
+    "or a .txt file of classes.",
     "miniimagenet": "mini-ImageNet (Vinyals et al. 2016), Ravi & Larochelle split: 64/16/20 classes "
     "x 600 images, 84x84 RGB. Splits: train, val, test.",
     "folder:DIR": "Your own images: DIR/<class>/<images>; split 'all', or DIR/{train,val,test}/<class>/.",
@@ -153,15 +154,41 @@ def vinyals_characters(data_root: Path | None, split: str) -> list[str]:
     return [f"{c}/rot{r:03d}" for c in chars for r in ROTATIONS]
 
 
+def class_list(path: Path) -> list[str]:
+    """The classes of a split file: one ``Alphabet/characterNN`` or ``Alphabet/characterNN/rotDDD`` per line.
+
+    Lets an Omniglot run use any character split (another paper's, a random
+    one) without code: ``data.train_split=my_splits/train.txt``.
+    """
+    if not path.is_file():
+        raise DataNotFoundError(
+            f"Split file {path} does not exist. Give a named split "
+            f"({', '.join(OMNIGLOT_SPLITS)}) or an existing .txt file of classes, one per line."
+        )
+    lines = path.read_text().split()
+    if not lines:
+        raise DataNotFoundError(f"Split file {path} lists no classes; write one class per line.")
+    for n, line in enumerate(lines, 1):
+        parts = line.split("/")
+        bad_rotation = len(parts) == 3 and parts[2] not in {f"rot{r:03d}" for r in ROTATIONS}
+        if len(parts) not in (2, 3) or bad_rotation:
+            raise FewShotError(
+                f"{path} line {n}: {line!r} is not a class; write Alphabet/characterNN, optionally "
+                "followed by /rot000, /rot090, /rot180 or /rot270."
+            )
+    return lines
+
+
 def _omniglot(split: str, data_root: Path | None, store: Store) -> FewShotDataset:
     if split in ("background", "evaluation"):
         return _subset("omniglot", split, store, store.group(split), invert=True)
-    lines = vinyals_characters(data_root, split)
-    chars = [line.rsplit("/", 1)[0] for line in lines]
+    lines = vinyals_characters(data_root, split) if split in OMNIGLOT_SPLITS else class_list(Path(split))
+    rotated = [line if line.count("/") == 2 else f"{line}/rot000" for line in lines]
+    chars = [line.rsplit("/", 1)[0] for line in rotated]
     ds = _subset("omniglot", split, store, chars)
-    ds.rotation = np.array([int(line.rsplit("rot", 1)[1]) // 90 for line in lines], dtype=np.int64)
+    ds.rotation = np.array([int(line.rsplit("rot", 1)[1]) // 90 for line in rotated], dtype=np.int64)
     ds.invert = True
-    ds.class_names = lines
+    ds.class_names = rotated
     return ds
 
 
@@ -209,9 +236,10 @@ def load_dataset(
     source = source_for(name, data_root, cache, download, fetch, channels)
     root = paths.data_root(data_root)
     if name == "omniglot":
-        if split not in OMNIGLOT_SPLITS:
+        if split not in OMNIGLOT_SPLITS and not split.endswith(".txt"):
             raise FewShotError(
-                f"Omniglot has no split {split!r}; choose one of {', '.join(OMNIGLOT_SPLITS)}."
+                f"Omniglot has no split {split!r}; choose one of {', '.join(OMNIGLOT_SPLITS)}, "
+                "or give a .txt file of classes (one Alphabet/characterNN[/rotDDD] per line)."
             )
         store = load_store(source, image_size or 28, paths.cache_root(cache), mmap, progress)
         ds = _omniglot(split, root, store)
