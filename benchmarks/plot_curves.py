@@ -7,7 +7,9 @@
 Each row is a ``row.json`` written by ``benchmarks/reproduce.py --curve``
 (test accuracy of kept checkpoints against training wall time). Several rows
 share one figure, each labelled by the settings it overrode beyond its
-preset, so runs of one preset with different schedules can be compared.
+preset, so runs of one preset with different schedules can be compared
+(``--label`` names them instead, one per row; ``--until MIN`` leaves out
+later points, to show the first minutes of long runs beside short ones).
 ``reproduce.py`` draws its own single-run plot with the same function.
 """
 
@@ -86,16 +88,27 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="the PNG to write")
     parser.add_argument("--target", type=parse_target, action="append", default=[], metavar="MIN:ACC")
     parser.add_argument("--title", help="default: the rows' preset and BatchNorm mode")
+    parser.add_argument(
+        "--label", action="append", default=[], help="one per row, in order (default: its overrides)"
+    )
+    parser.add_argument("--until", type=float, help="leave out points after this many training minutes")
     args = parser.parse_args()
+    if args.label and len(args.label) != len(args.rows):
+        parser.error(f"{len(args.label)} --label for {len(args.rows)} rows: give one per row, or none")
     rows = []
     for path in args.rows:
         row = json.loads(path.read_text())
         if not row.get("curve"):
             sys.exit(f"{path} has no curve: write it with benchmarks/reproduce.py ... --keep-every N --curve")
         rows.append(row)
+    labels = args.label or [series_label(row) for row in rows]
+    series = []
+    for label, row in zip(labels, rows, strict=True):
+        points = [p for p in row["curve"] if args.until is None or p["train_s"] <= 60 * args.until]
+        series.append((label, points))
     presets = sorted({f"{row['preset']} ({row['batchnorm']} BatchNorm)" for row in rows})
     title = args.title or " / ".join(presets)
-    plot_curve([(series_label(row), row["curve"]) for row in rows], title, args.target, args.out)
+    plot_curve(series, title, args.target, args.out)
     print(f"wrote {args.out}")
 
 
