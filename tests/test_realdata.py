@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from fewshot.data.catalog import verify
@@ -40,3 +44,23 @@ def test_vinyals_test_classes_disjoint_from_train(real_data_root):
     assert not chars(train) & chars(test)
     batch = EpisodeSampler(test, 20, 5, 15, tasks=2, seed=0)[0]
     assert batch.support.shape == (2, 100, 1, 28, 28)
+
+
+REPO = Path(__file__).resolve().parents[1]
+RANDOM_SPLIT = REPO / "docs" / "experiments" / "splits" / "omniglot-random-seed0"
+
+
+def test_committed_random_split_is_what_the_script_writes(real_data_root, tmp_path):
+    """The random-split rows in docs/results.md are rerun from these files; the script must rebuild them."""
+    script = REPO / "benchmarks" / "random_split.py"
+    command = [sys.executable, str(script), "--out", str(tmp_path), "--data-root", str(real_data_root)]
+    subprocess.run(command, check=True, capture_output=True)
+    chars = {}
+    for split, classes in (("train", 4400), ("val", 400), ("test", 1692)):
+        assert (tmp_path / f"{split}.txt").read_text() == (RANDOM_SPLIT / f"{split}.txt").read_text()
+        ds = load_dataset("omniglot", str(RANDOM_SPLIT / f"{split}.txt"), data_root=real_data_root)
+        assert ds.num_classes == classes
+        chars[split] = {n.rsplit("/", 1)[0] for n in ds.class_names}
+    train, val, test = chars["train"], chars["val"], chars["test"]
+    assert not (train & test or train & val or val & test)
+    assert len(train | val | test) == 1623
