@@ -168,6 +168,7 @@ def class_list(path: Path) -> list[str]:
     lines = path.read_text().split()
     if not lines:
         raise DataNotFoundError(f"Split file {path} lists no classes; write one class per line.")
+    seen: dict[str, int] = {}
     for n, line in enumerate(lines, 1):
         parts = line.split("/")
         bad_rotation = len(parts) == 3 and parts[2] not in {f"rot{r:03d}" for r in ROTATIONS}
@@ -176,6 +177,10 @@ def class_list(path: Path) -> list[str]:
                 f"{path} line {n}: {line!r} is not a class; write Alphabet/characterNN, optionally "
                 "followed by /rot000, /rot090, /rot180 or /rot270."
             )
+        key = line if len(parts) == 3 else f"{line}/rot000"
+        if key in seen:  # one class under two labels would make episodes silently wrong
+            raise FewShotError(f"{path} line {n}: {line!r} repeats line {seen[key]}; list each class once.")
+        seen[key] = n
     return lines
 
 
