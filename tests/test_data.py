@@ -93,7 +93,7 @@ def test_split_from_a_class_list_file(tmp_path):
         ("\n", DataNotFoundError, "lists no classes"),
         ("Alpha/character01/rot045\n", FewShotError, "line 1: 'Alpha/character01/rot045' is not a class"),
         ("Alpha/character01\nAlpha\n", FewShotError, "line 2: 'Alpha' is not a class"),
-        ("Alpha/character01\nAlpha/character01/rot000\n", FewShotError, "line 2: .* repeats line 1"),
+        ("Alpha/character01\n\nAlpha/character01/rot000\n", FewShotError, "line 3: .* repeats line 1"),
         ("Alpha/character99\n", DataNotFoundError, "classes that the data does not have"),
     ],
 )

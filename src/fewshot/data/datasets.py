@@ -155,7 +155,9 @@ def vinyals_characters(data_root: Path | None, split: str) -> list[str]:
 
 
 def class_list(path: Path) -> list[str]:
-    """The classes of a split file: one ``Alphabet/characterNN`` or ``Alphabet/characterNN/rotDDD`` per line.
+    """The classes of a split file as ``Alphabet/characterNN/rotDDD`` (no rotation given: ``rot000``).
+
+    The file has one ``Alphabet/characterNN`` or ``Alphabet/characterNN/rotDDD`` per line.
 
     Lets an Omniglot run use any character split (another paper's, a random
     one) without code: ``data.train_split=my_splits/train.txt``.
@@ -165,11 +167,11 @@ def class_list(path: Path) -> list[str]:
             f"Split file {path} does not exist. Give a named split "
             f"({', '.join(OMNIGLOT_SPLITS)}) or an existing .txt file of classes, one per line."
         )
-    lines = path.read_text().split()
+    lines = [(n, text.strip()) for n, text in enumerate(path.read_text().splitlines(), 1) if text.strip()]
     if not lines:
         raise DataNotFoundError(f"Split file {path} lists no classes; write one class per line.")
-    seen: dict[str, int] = {}
-    for n, line in enumerate(lines, 1):
+    seen: dict[str, int] = {}  # class -> line number, in file order
+    for n, line in lines:
         parts = line.split("/")
         bad_rotation = len(parts) == 3 and parts[2] not in {f"rot{r:03d}" for r in ROTATIONS}
         if len(parts) not in (2, 3) or bad_rotation:
@@ -181,19 +183,18 @@ def class_list(path: Path) -> list[str]:
         if key in seen:  # one class under two labels would make episodes silently wrong
             raise FewShotError(f"{path} line {n}: {line!r} repeats line {seen[key]}; list each class once.")
         seen[key] = n
-    return lines
+    return list(seen)
 
 
 def _omniglot(split: str, data_root: Path | None, store: Store) -> FewShotDataset:
     if split in ("background", "evaluation"):
         return _subset("omniglot", split, store, store.group(split), invert=True)
     lines = vinyals_characters(data_root, split) if split in OMNIGLOT_SPLITS else class_list(Path(split))
-    rotated = [line if line.count("/") == 2 else f"{line}/rot000" for line in lines]
-    chars = [line.rsplit("/", 1)[0] for line in rotated]
+    chars = [line.rsplit("/", 1)[0] for line in lines]
     ds = _subset("omniglot", split, store, chars)
-    ds.rotation = np.array([int(line.rsplit("rot", 1)[1]) // 90 for line in rotated], dtype=np.int64)
+    ds.rotation = np.array([int(line.rsplit("rot", 1)[1]) // 90 for line in lines], dtype=np.int64)
     ds.invert = True
-    ds.class_names = rotated
+    ds.class_names = lines
     return ds
 
 
