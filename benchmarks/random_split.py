@@ -26,7 +26,7 @@ import random
 import sys
 from pathlib import Path
 
-from fewshot.data.datasets import ROTATIONS, source_for
+from fewshot.data.datasets import rotated_classes, source_for
 from fewshot.errors import FewShotError
 
 
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     for split, size in zip(("train", "val", "test"), sizes, strict=True):
         chosen = characters[start : start + size]
         start += size
-        lines = [f"{c}/rot{r:03d}" for c in chosen for r in ROTATIONS]
+        lines = rotated_classes(chosen)
         (args.out / f"{split}.txt").write_text("\n".join(lines) + "\n")
         counts[split] = {
             "characters": len(chosen),

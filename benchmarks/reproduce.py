@@ -45,6 +45,7 @@ import torch
 from plot_curves import parse_target, plot_curve, series_label
 
 from fewshot.config import Config, load_config, to_yaml
+from fewshot.data.datasets import VINYALS_SPLITS
 from fewshot.engine import checkpoint
 from fewshot.engine.runs import evaluate_run, load_run
 from fewshot.engine.train import Interrupted, train
@@ -63,7 +64,7 @@ def split_label(dataset: str, split: str) -> str:
     """Which classes a row was tested on, in words."""
     if split.endswith(".txt"):
         return f"{dataset} classes listed in {split}"
-    if dataset == "omniglot" and split in ("train", "val", "test", "trainval"):
+    if dataset == "omniglot" and split in VINYALS_SPLITS:
         return f"omniglot {split} (Vinyals), rotations as classes"
     return f"{dataset} {split}"
 

@@ -25,6 +25,13 @@ from fewshot.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from fewshot.errors import DataNotFoundError, FewShotError
 
 ROTATIONS = (0, 90, 180, 270)
+ROTATION_NAMES = tuple(f"rot{r:03d}" for r in ROTATIONS)
+"""How a class name says its rotation: ``Alphabet/characterNN/rot090``."""
+
+
+def rotated_classes(characters: list[str]) -> list[str]:
+    """Each character as four classes, one per rotation, in the Vinyals files' order."""
+    return [f"{c}/{r}" for c in characters for r in ROTATION_NAMES]
 
 
 @dataclass
@@ -121,7 +128,8 @@ def _subset(name: str, split: str, store: Store, names: list[str], **norm) -> Fe
     )
 
 
-OMNIGLOT_SPLITS = ("background", "evaluation", "train", "val", "test", "trainval")
+VINYALS_SPLITS = ("train", "val", "test", "trainval")
+OMNIGLOT_SPLITS = ("background", "evaluation", *VINYALS_SPLITS)
 DATASETS = {
     "omniglot": "Omniglot (Lake et al. 2015): 1,623 characters x 20 drawings, 28x28 gray. "
     "Splits: background, evaluation (Lake), train/val/test/trainval (Vinyals, rotations as classes), "
@@ -151,7 +159,7 @@ def vinyals_characters(data_root: Path | None, split: str) -> list[str]:
             return lines
     packaged = resources.files("fewshot.data") / "splits" / "omniglot_vinyals"
     chars = [c for part in parts for c in (packaged / f"{part}.txt").read_text().split()]
-    return [f"{c}/rot{r:03d}" for c in chars for r in ROTATIONS]
+    return rotated_classes(chars)
 
 
 def class_list(path: Path) -> list[str]:
@@ -173,7 +181,7 @@ def class_list(path: Path) -> list[str]:
     seen: dict[str, int] = {}  # class -> line number, in file order
     for n, line in lines:
         parts = line.split("/")
-        bad_rotation = len(parts) == 3 and parts[2] not in {f"rot{r:03d}" for r in ROTATIONS}
+        bad_rotation = len(parts) == 3 and parts[2] not in ROTATION_NAMES
         if len(parts) not in (2, 3) or bad_rotation:
             raise FewShotError(
                 f"{path} line {n}: {line!r} is not a class; write Alphabet/characterNN, optionally "
