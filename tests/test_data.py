@@ -106,6 +106,19 @@ def test_bad_class_list_file_names_the_line_and_the_fix(tmp_path, text, error, m
         load_dataset("omniglot", str(split), data_root=root, progress=False)
 
 
+def test_bad_class_list_file_is_reported_before_the_images_are_decoded(tmp_path, monkeypatch):
+    root = omniglot_root(tmp_path / "data")
+    split = tmp_path / "split.txt"
+    split.write_text("Alpha/character01\nAlpha\n")
+
+    def no_store(*args, **kwargs):
+        raise AssertionError("the image store was built before the split file was checked")
+
+    monkeypatch.setattr("fewshot.data.datasets.load_store", no_store)
+    with pytest.raises(FewShotError, match="line 2: 'Alpha' is not a class"):
+        load_dataset("omniglot", str(split), data_root=root, progress=False)
+
+
 def test_unknown_named_split_lists_the_choices(tmp_path):
     root = omniglot_root(tmp_path / "data")
     with pytest.raises(FewShotError, match="no split 'training'.*or give a .txt file"):

@@ -194,10 +194,19 @@ def class_list(path: Path) -> list[str]:
     return list(seen)
 
 
-def _omniglot(split: str, data_root: Path | None, store: Store) -> FewShotDataset:
+def _omniglot_classes(split: str, data_root: Path | None) -> list[str] | None:
+    """The classes (``Alphabet/characterNN/rotDDD``) a split lists; None for a whole archive.
+
+    Read before the image store is built, so a bad split file is reported at once.
+    """
     if split in ("background", "evaluation"):
+        return None
+    return vinyals_characters(data_root, split) if split in OMNIGLOT_SPLITS else class_list(Path(split))
+
+
+def _omniglot(split: str, lines: list[str] | None, store: Store) -> FewShotDataset:
+    if lines is None:
         return _subset("omniglot", split, store, store.group(split), invert=True)
-    lines = vinyals_characters(data_root, split) if split in OMNIGLOT_SPLITS else class_list(Path(split))
     chars = [line.rsplit("/", 1)[0] for line in lines]
     ds = _subset("omniglot", split, store, chars)
     ds.rotation = np.array([int(line.rsplit("rot", 1)[1]) // 90 for line in lines], dtype=np.int64)
@@ -255,8 +264,9 @@ def load_dataset(
                 f"Omniglot has no split {split!r}; choose one of {', '.join(OMNIGLOT_SPLITS)}, "
                 "or give a .txt file of classes (one Alphabet/characterNN[/rotDDD] per line)."
             )
+        lines = _omniglot_classes(split, root)
         store = load_store(source, image_size or 28, paths.cache_root(cache), mmap, progress)
-        ds = _omniglot(split, root, store)
+        ds = _omniglot(split, lines, store)
     elif name == "miniimagenet":
         if split not in miniimagenet.SPLITS:
             raise FewShotError(f"mini-ImageNet has no split {split!r}; choose train, val or test.")
