@@ -53,7 +53,8 @@ from fewshot.errors import FewShotError
 
 
 def machine() -> str:
-    return f"{torch.get_num_threads()} threads, {platform.machine()}, torch {torch.__version__}"
+    threads = torch.get_num_threads()
+    return f"{threads} thread{'s' * (threads != 1)}, {platform.machine()}, torch {torch.__version__}"
 
 
 TEST_ONLY = ("name", "eval", "published", "description")
