@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 from plot_curves import parse_target, plot_curve, series_label
 
-from fewshot.config import Config, load_config, to_yaml
+from fewshot.config import Config, from_yaml, load_config, resume_conflicts, to_yaml
 from fewshot.data.datasets import VINYALS_SPLITS
 from fewshot.engine import checkpoint
 from fewshot.engine.runs import evaluate_run, load_run
@@ -141,7 +141,16 @@ def main() -> None:
     run_dir = args.runs / trained_by
     resume = (run_dir / "checkpoints" / "last.pt").is_file()
     started = time.perf_counter()
-    trained = checkpoint.load(run_dir / "checkpoints" / "last.pt")["step"] if resume else 0
+    trained = 0
+    if resume:
+        state = checkpoint.load(run_dir / "checkpoints" / "last.pt")
+        trained = int(state["step"])
+        conflicts = resume_conflicts(from_yaml(state["config"]), train_config)
+        if conflicts:  # e.g. a preset changed since the run: its checkpoints are not this row's
+            sys.exit(
+                f"{run_dir} holds a run trained with other settings ({'; '.join(conflicts)}). "
+                "Train these settings in another folder: add --runs OTHER_FOLDER."
+            )
     if trained > config.train.steps:  # its checkpoints are not the N-step run's: refuse, not mislabel
         sys.exit(
             f"{run_dir} is trained to {trained} steps, past the {config.train.steps} asked for. "

@@ -21,6 +21,7 @@ from fewshot.config import ConfigError, load_config, preset_names
 from fewshot.engine import checkpoint
 from fewshot.engine.evaluate import mean_ci95
 from fewshot.engine.train import Interrupted, TrainingStopped, train
+from fewshot.errors import FewShotError
 
 pytestmark = pytest.mark.slow
 
@@ -161,6 +162,24 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path, datase
         if "loss" in json.loads(x)
     ]
     assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_resume_refuses_settings_that_would_mix_two_runs(tmp_path, dataset_root):
+    path = write_config(tmp_path, dataset_root, {"name": "matching"}, train={"steps": 4})
+    config = load_config(str(path))
+    with pytest.raises(Interrupted):
+        train(config, tmp_path / "run", progress=False, stop_at=2)
+    rescaled = load_config(str(path), ["method.scale=20", "train.lr=0.01"])
+    with pytest.raises(FewShotError, match=r"method.scale: None in the run, 20.0 now; train.lr: 0.001"):
+        train(rescaled, tmp_path / "run", resume=True, progress=False)
+    longer = load_config(str(path), ["train.steps=5", "train.log_every=1"])  # a constant rate: extendable
+    assert train(longer, tmp_path / "run", resume=True, progress=False).steps == 5
+    cosine = load_config(str(path), ["train.schedule=cosine"])
+    with pytest.raises(Interrupted):
+        train(cosine, tmp_path / "cosine", progress=False, stop_at=2)
+    longer = load_config(str(path), ["train.schedule=cosine", "train.steps=8"])
+    with pytest.raises(FewShotError, match="the cosine schedule spreads its rate over train.steps"):
+        train(longer, tmp_path / "cosine", resume=True, progress=False)
 
 
 class _Killed(BaseException):

@@ -266,3 +266,60 @@ def load_config(name_or_path: str, overrides: list[str] | None = None) -> Config
 
 def to_yaml(config: Config) -> str:
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def from_yaml(text: str, where: str = "") -> Config:
+    """The inverse of ``to_yaml``: the configuration a run or checkpoint recorded."""
+    return from_dict(yaml.safe_load(text) or {}, where=where)
+
+
+RESUMABLE_CHANGES = frozenset(
+    {
+        "name",
+        "description",
+        "published",
+        "eval",
+        "data.data_root",
+        "data.num_workers",
+        "train.steps",
+        "train.val_every",
+        "train.checkpoint_every",
+        "train.keep_every",
+        "train.log_every",
+        "train.threads",
+    }
+)
+"""Settings a run may change when it resumes: they move no weight it has trained or will train."""
+
+
+def _leaves(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and path not in RESUMABLE_CHANGES:
+            out.update(_leaves(value, f"{path}."))
+        else:
+            out[path] = value
+    return out
+
+
+def resume_conflicts(saved: Config, wanted: Config) -> list[str]:
+    """Why a run trained with ``saved`` cannot be continued as ``wanted`` (empty if it can).
+
+    Resuming under other settings would give weights that no single configuration
+    trains, yet be recorded as ``wanted``: a silently wrong result.
+    """
+    old, new = _leaves(saved.model_dump(mode="json")), _leaves(wanted.model_dump(mode="json"))
+    conflicts = [
+        f"{key}: {old.get(key)!r} in the run, {new.get(key)!r} now"
+        for key in sorted(old.keys() | new.keys())
+        if key not in RESUMABLE_CHANGES and old.get(key) != new.get(key)
+    ]
+    schedule = wanted.train.schedule
+    if schedule in ("cosine", "linear") and saved.train.steps != wanted.train.steps:
+        conflicts.append(
+            f"train.steps: {saved.train.steps} in the run, {wanted.train.steps} now; the {schedule} "
+            "schedule spreads its rate over train.steps, so the steps trained so far belong to the "
+            f"{saved.train.steps}-step run only"
+        )
+    return conflicts

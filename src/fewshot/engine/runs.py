@@ -8,9 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
-from fewshot.config import Config, from_dict
+from fewshot.config import Config, from_yaml
 from fewshot.engine import checkpoint, distributed
 from fewshot.engine.checkpoint import CheckpointError
 from fewshot.engine.evaluate import EvalResult, evaluate, mean_ci95
@@ -54,7 +53,7 @@ def load_run(path: str | Path, expect_method: str | None = None) -> LoadedRun:
     """Rebuild the method of a checkpoint and load its weights (no pickled code is executed)."""
     # under torchrun the run directory is on rank 0's machine: it reads, every rank receives
     file, state = distributed.on_main(lambda: _read(path))
-    config = from_dict(yaml.safe_load(state["config"]), where=f"in checkpoint {file}")
+    config = from_yaml(state["config"], where=f"in checkpoint {file}")
     if expect_method is not None and state["method_name"] != expect_method:
         raise CheckpointError(f"{file} is a {state['method_name']} checkpoint, not {expect_method}.")
     preprocess = dict(state.get("preprocess") or {})

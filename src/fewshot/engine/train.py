@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from fewshot.config import Config, to_yaml
+from fewshot.config import Config, from_yaml, resume_conflicts, to_yaml
 from fewshot.engine import checkpoint, distributed
 from fewshot.engine.setup import Experiment, build_experiment
 from fewshot.errors import FewShotError
@@ -325,5 +325,13 @@ def train(
         state = distributed.on_main(lambda: checkpoint.load(last))
         if state["method_name"] != config.method.name:
             raise FewShotError(f"{last} is a {state['method_name']} run, not {config.method.name}.")
+        conflicts = resume_conflicts(from_yaml(state["config"], f"in {last}"), config)
+        if conflicts:
+            raise FewShotError(
+                f"{last} was trained with other settings, so resuming it as asked would mix two runs: "
+                + "; ".join(conflicts)
+                + ". Resume with the run's own settings (its config.yaml), or train the new settings "
+                "in another run directory (the same seed gives the same first steps)."
+            )
         trainer.restore(state)
     return trainer.run(stop_at=stop_at)
