@@ -315,7 +315,7 @@ def test_similarity_scale_reaches_the_method():
         return float(build_method(load_config(preset, list(overrides)), (1, 28, 28)).scale)
 
     assert scale("protonet-omniglot-5w1s", "method.name=matching") == 1.0  # the paper's formula
-    assert scale("matching-omniglot-5w1s") == 10.0  # the presets sharpen it
+    assert scale("matching-omniglot-5w1s") == 20.0  # the presets sharpen it
     assert scale("matching-omniglot-5w1s", "method.scale=1") == 1.0
     assert scale("protonet-omniglot-5w1s", "method.distance=cosine") == 10.0
     assert scale("protonet-omniglot-5w1s", "method.distance=cosine", "method.scale=4") == 4.0
