@@ -44,21 +44,17 @@ from pathlib import Path
 import torch
 from plot_curves import parse_target, plot_curve, series_label
 
-from fewshot.config import Config, from_yaml, load_config, resume_conflicts, to_yaml
+from fewshot.config import load_config, to_yaml, training_differences
 from fewshot.data.datasets import VINYALS_SPLITS
 from fewshot.engine import checkpoint
 from fewshot.engine.runs import evaluate_run, load_run
-from fewshot.engine.train import Interrupted, train
+from fewshot.engine.train import Interrupted, RunMismatch, train
 from fewshot.errors import FewShotError
 
 
 def machine() -> str:
     threads = torch.get_num_threads()
     return f"{threads} thread{'s' * (threads != 1)}, {platform.machine()}, torch {torch.__version__}"
-
-
-TEST_ONLY = ("name", "eval", "published", "description")
-"""Config sections that do not change training."""
 
 
 def split_label(dataset: str, split: str) -> str:
@@ -68,12 +64,6 @@ def split_label(dataset: str, split: str) -> str:
     if dataset == "omniglot" and split in VINYALS_SPLITS:
         return f"omniglot {split} (Vinyals), rotations as classes"
     return f"{dataset} {split}"
-
-
-def training_differences(a: Config, b: Config) -> list[str]:
-    """The training-relevant top-level config sections in which ``a`` and ``b`` differ."""
-    da, db = a.model_dump(), b.model_dump()
-    return sorted(k for k in da.keys() | db.keys() if k not in TEST_ONLY and da.get(k) != db.get(k))
 
 
 def curve(run_dir: Path, episodes: int, steps: set[int] | None) -> list[dict[str, float]]:
@@ -135,37 +125,26 @@ def main() -> None:
         different = training_differences(config, train_config)
         if different:
             sys.exit(
-                f"--trained-by {trained_by}: it does not train like {preset} "
-                f"(different {', '.join(different)}); run {preset} on its own instead"
+                f"--trained-by {trained_by}: it does not train like {preset} ("
+                + "; ".join(
+                    f"{key}: {mine!r} in {preset}, {theirs!r} in {trained_by}"
+                    for key, mine, theirs in different
+                )
+                + f"); run {preset} on its own instead"
             )
     run_dir = args.runs / trained_by
-    resume = (run_dir / "checkpoints" / "last.pt").is_file()
     started = time.perf_counter()
-    trained = 0
-    if resume:
-        state = checkpoint.load(run_dir / "checkpoints" / "last.pt")
-        trained = int(state["step"])
-        conflicts = resume_conflicts(from_yaml(state["config"]), train_config)
-        if conflicts:  # e.g. a preset changed since the run: its checkpoints are not this row's
-            sys.exit(
-                f"{run_dir} holds a run trained with other settings ({'; '.join(conflicts)}). "
-                "Train these settings in another folder: add --runs OTHER_FOLDER."
-            )
-    if trained > config.train.steps:  # its checkpoints are not the N-step run's: refuse, not mislabel
-        sys.exit(
-            f"{run_dir} is trained to {trained} steps, past the {config.train.steps} asked for. "
-            "Train the shorter run in another folder (--runs OTHER_FOLDER; the same seed gives the same "
-            f"first steps), or test a checkpoint of this one with: fewshot eval {run_dir}/checkpoints/FILE.pt"
-        )
-    if resume and trained == config.train.steps:
-        print(f"{run_dir} is already trained to {config.train.steps} steps", flush=True)
+    try:  # a complete run comes back untouched; one that other settings trained is refused
+        result = train(train_config, run_dir, resume=(run_dir / "checkpoints" / "last.pt").is_file())
+    except Interrupted as stopped:
+        sys.exit(f"{stopped}\nOr rerun this same command: it resumes the run where it stopped.")
+    except RunMismatch as error:  # e.g. a preset changed since the run: its checkpoints are not this row's
+        sys.exit(f"error: {error} With reproduce.py: add --runs OTHER_FOLDER.")
+    except FewShotError as error:
+        sys.exit(f"error: {error}")
+    if result.resumed_from == result.steps:
+        print(f"{run_dir} is already trained to {result.steps} steps", flush=True)
     else:
-        try:
-            result = train(train_config, run_dir, resume=resume)
-        except Interrupted as stopped:
-            sys.exit(f"{stopped}\nOr rerun this same command: it resumes the run where it stopped.")
-        except FewShotError as error:
-            sys.exit(f"error: {error}")
         print(
             f"trained {trained_by}: {result.steps} steps, {result.wall_time_s:.0f} s of training", flush=True
         )

@@ -17,10 +17,10 @@ import yaml
 from fixtures import image_folder
 
 from fewshot.cli import main
-from fewshot.config import ConfigError, load_config, preset_names
+from fewshot.config import ConfigError, load_config, preset_names, resume_conflicts, training_differences
 from fewshot.engine import checkpoint
 from fewshot.engine.evaluate import mean_ci95
-from fewshot.engine.train import Interrupted, TrainingStopped, train
+from fewshot.engine.train import Interrupted, RunMismatch, TrainingStopped, train
 from fewshot.errors import FewShotError
 
 pytestmark = pytest.mark.slow
@@ -180,6 +180,36 @@ def test_resume_refuses_settings_that_would_mix_two_runs(tmp_path, dataset_root)
     longer = load_config(str(path), ["train.schedule=cosine", "train.steps=8"])
     with pytest.raises(FewShotError, match="the cosine schedule spreads its rate over train.steps"):
         train(longer, tmp_path / "cosine", resume=True, progress=False)
+
+
+def test_resuming_a_complete_run_trains_nothing_and_a_shorter_one_is_refused(tmp_path, dataset_root):
+    path = write_config(tmp_path, dataset_root, {"name": "protonet"}, train={"steps": 4})
+    config = load_config(str(path))
+    assert train(config, tmp_path / "run", progress=False).resumed_from == 0
+    before = _weights(tmp_path / "run")
+    again = train(config, tmp_path / "run", resume=True, progress=False)
+    assert (again.resumed_from, again.steps) == (4, 4)
+    after = _weights(tmp_path / "run")
+    assert all(torch.equal(before[key], after[key]) for key in before)
+    shorter = load_config(str(path), ["train.steps=3"])
+    with pytest.raises(RunMismatch, match="trained to 4 steps, past the 3 asked for"):
+        train(shorter, tmp_path / "run", resume=True, progress=False)
+    with pytest.raises(RunMismatch, match="is a protonet run, not matching"):
+        train(load_config(str(path), ["method.name=matching"]), tmp_path / "run", resume=True, progress=False)
+
+
+def test_training_differences_name_what_would_train_other_weights():
+    five, twenty = load_config("protonet-omniglot-5w1s"), load_config("protonet-omniglot-20w1s")
+    assert training_differences(five, twenty) == []  # Snell et al.: one model, tested at 5 and 20 ways
+    neutral = load_config(
+        "protonet-omniglot-5w1s", ["train.threads=1", "train.log_every=7", "eval.episodes=9"]
+    )
+    assert training_differences(five, neutral) == []
+    checked = load_config("protonet-omniglot-5w1s", ["train.val_every=7", "train.steps=9"])
+    assert [key for key, _, _ in training_differences(five, checked)] == ["train.steps", "train.val_every"]
+    assert resume_conflicts(five, checked) == []  # a resume may change both
+    matching = load_config("matching-omniglot-5w1s")
+    assert ("method.name", "protonet", "matching") in training_differences(five, matching)
 
 
 class _Killed(BaseException):

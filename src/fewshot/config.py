@@ -273,7 +273,7 @@ def from_yaml(text: str, where: str = "") -> Config:
     return from_dict(yaml.safe_load(text) or {}, where=where)
 
 
-RESUMABLE_CHANGES = frozenset(
+TRAINING_NEUTRAL = frozenset(
     {
         "name",
         "description",
@@ -281,26 +281,45 @@ RESUMABLE_CHANGES = frozenset(
         "eval",
         "data.data_root",
         "data.num_workers",
-        "train.steps",
-        "train.val_every",
         "train.checkpoint_every",
         "train.keep_every",
         "train.log_every",
         "train.threads",
     }
 )
-"""Settings a run may change when it resumes: they move no weight it has trained or will train."""
+"""Settings that neither move a trained weight nor choose the selected checkpoint: two
+configurations that differ only here train the same run."""
+
+RESUMABLE_CHANGES = TRAINING_NEUTRAL | {"train.steps", "train.val_every"}
+"""Settings a run may change when it resumes: a constant-rate run may go on longer, and
+validation may come at other steps, without changing a weight trained so far."""
 
 
-def _leaves(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def _leaves(tree: dict[str, Any], whole: frozenset[str], prefix: str = "") -> dict[str, Any]:
+    """Dotted setting -> value; the sections named in ``whole`` stay one leaf."""
     out: dict[str, Any] = {}
     for key, value in tree.items():
         path = f"{prefix}{key}"
-        if isinstance(value, dict) and path not in RESUMABLE_CHANGES:
-            out.update(_leaves(value, f"{path}."))
+        if isinstance(value, dict) and path not in whole:
+            out.update(_leaves(value, whole, f"{path}."))
         else:
             out[path] = value
     return out
+
+
+def differences(a: Config, b: Config, may_differ: frozenset[str]) -> list[tuple[str, Any, Any]]:
+    """The settings outside ``may_differ`` in which ``a`` and ``b`` differ: (setting, in a, in b)."""
+    old, new = _leaves(a.model_dump(mode="json"), may_differ), _leaves(b.model_dump(mode="json"), may_differ)
+    return [
+        (key, old.get(key), new.get(key))
+        for key in sorted(old.keys() | new.keys())
+        if key not in may_differ and old.get(key) != new.get(key)
+    ]
+
+
+def training_differences(a: Config, b: Config) -> list[tuple[str, Any, Any]]:
+    """Where ``a`` and ``b`` would not train the same weights or select the same checkpoint."""
+    return differences(a, b, TRAINING_NEUTRAL)
 
 
 def resume_conflicts(saved: Config, wanted: Config) -> list[str]:
@@ -309,11 +328,9 @@ def resume_conflicts(saved: Config, wanted: Config) -> list[str]:
     Resuming under other settings would give weights that no single configuration
     trains, yet be recorded as ``wanted``: a silently wrong result.
     """
-    old, new = _leaves(saved.model_dump(mode="json")), _leaves(wanted.model_dump(mode="json"))
     conflicts = [
-        f"{key}: {old.get(key)!r} in the run, {new.get(key)!r} now"
-        for key in sorted(old.keys() | new.keys())
-        if key not in RESUMABLE_CHANGES and old.get(key) != new.get(key)
+        f"{key}: {old!r} in the run, {new!r} now"
+        for key, old, new in differences(saved, wanted, RESUMABLE_CHANGES)
     ]
     schedule = wanted.train.schedule
     if schedule in ("cosine", "linear") and saved.train.steps != wanted.train.steps:

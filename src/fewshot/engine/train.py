@@ -36,6 +36,11 @@ class TrainingStopped(FewShotError):
     """Training cannot go on (non-finite loss); the last good state was saved."""
 
 
+class RunMismatch(FewShotError):
+    """The run directory holds a run that these settings cannot continue (other settings, or
+    trained past ``train.steps``); the new settings belong in another run directory."""
+
+
 class Interrupted(FewShotError):
     """SIGINT or SIGTERM arrived; a checkpoint was saved and the run can be resumed."""
 
@@ -49,6 +54,8 @@ class TrainResult:
     best_step: int | None
     best_val: float | None
     wall_time_s: float
+    resumed_from: int
+    """The step this call started at (0 for a new run; ``steps`` when the run was already complete)."""
 
 
 def build_optimizer(params, config: Config) -> torch.optim.Optimizer:
@@ -193,6 +200,7 @@ class Trainer:
             dynamic_ncols=True,
         )
         window: list[tuple[float, float]] = []
+        resumed_from = self.step
         batches = self.exp.batches(self.step)
         with _stop_on_signals() as flag, bar:
             if self.validation_pending:  # resumed from a run killed while it validated
@@ -260,7 +268,7 @@ class Trainer:
                     )
         if main:
             self.plot()
-        return TrainResult(self.run_dir, self.step, self.best_step, self.best_val, self.elapsed)
+        return TrainResult(self.run_dir, self.step, self.best_step, self.best_val, self.elapsed, resumed_from)
 
     def _validate_and_select(self) -> None:
         """Validate, keep ``best.pt``, save ``last.pt``. The state is saved first, marked
@@ -320,18 +328,30 @@ def train(
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     torch.manual_seed(config.seed)
+    state = distributed.on_main(lambda: checkpoint.load(last)) if resume else None
+    if state is not None:  # checked before the data are loaded: a refusal comes at once
+        refuse_mismatch(state, config, last)
     trainer = Trainer(config, run_dir, progress)
-    if resume:
-        state = distributed.on_main(lambda: checkpoint.load(last))
-        if state["method_name"] != config.method.name:
-            raise FewShotError(f"{last} is a {state['method_name']} run, not {config.method.name}.")
-        conflicts = resume_conflicts(from_yaml(state["config"], f"in {last}"), config)
-        if conflicts:
-            raise FewShotError(
-                f"{last} was trained with other settings, so resuming it as asked would mix two runs: "
-                + "; ".join(conflicts)
-                + ". Resume with the run's own settings (its config.yaml), or train the new settings "
-                "in another run directory (the same seed gives the same first steps)."
-            )
+    if state is not None:
         trainer.restore(state)
     return trainer.run(stop_at=stop_at)
+
+
+def refuse_mismatch(state: dict[str, Any], config: Config, last: Path) -> None:
+    """Raise ``RunMismatch`` unless resuming ``state`` as ``config`` continues one and the same run."""
+    if state["method_name"] != config.method.name:
+        raise RunMismatch(f"{last} is a {state['method_name']} run, not {config.method.name}.")
+    conflicts = resume_conflicts(from_yaml(state["config"], f"in {last}"), config)
+    if conflicts:
+        raise RunMismatch(
+            f"{last} was trained with other settings, so resuming it as asked would mix two runs: "
+            + "; ".join(conflicts)
+            + ". Resume with the run's own settings (its config.yaml), or train the new settings "
+            "in another run directory (the same seed gives the same first steps)."
+        )
+    if state["step"] > config.train.steps:  # its weights are not the shorter run's: refuse, not mislabel
+        raise RunMismatch(
+            f"{last} is trained to {state['step']} steps, past the {config.train.steps} asked for. "
+            "Train the shorter run in another run directory (the same seed gives the same first steps), "
+            f"or evaluate a kept checkpoint of this one: fewshot eval {last.parent}/FILE.pt"
+        )
