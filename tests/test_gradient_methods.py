@@ -368,7 +368,9 @@ def test_fused_forward_needs_conv4() -> None:
 
 def test_describe_records_settings() -> None:
     info = MAML(tiny_classifier(), inner_lr=0.4, inner_steps=2, first_order=True).describe()
-    assert info["method"] == "maml" and info["inner_steps"] == 2 and info["inner_lr"] == 0.4
+    assert info["method"] == "maml (first order)" and info["inner_steps"] == 2 and info["inner_lr"] == 0.4
+    assert MAML(tiny_classifier()).describe()["method"] == "maml"
+    assert Reptile(tiny_classifier(), inner_lr=0.4).describe()["method"] == "reptile"  # first order by name
     assert info["first_order"] is True and info["batchnorm"] == "transductive"
     assert info["path"] in ("auto (not run yet)", "vmap") and info["forward"] == "fused-conv4"
 

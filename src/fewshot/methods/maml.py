@@ -330,8 +330,8 @@ class MAML(Method):
 
     def describe(self) -> dict[str, object]:
         """Settings results must record, including which path (vmap or loop) runs."""
-        return {
-            "method": self.name,
+        return {  # a first-order run says so in every result line, not only in its details
+            "method": f"{self.name} (first order)" if self.first_order else self.name,
             "inner_steps": self.inner_steps,
             "inner_steps_test": self.inner_steps_test,
             "inner_lr": self._fixed_lrs[0] if len(set(self._fixed_lrs)) == 1 else list(self._fixed_lrs),

@@ -160,6 +160,7 @@ class Reptile(MAML):
 
     def describe(self) -> dict[str, object]:
         out = super().describe()
+        out["method"] = self.name  # first order by definition: no "(first order)" label
         out["use_query"] = self.use_query
         out["first_order"] = True
         return out
