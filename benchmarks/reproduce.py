@@ -134,7 +134,7 @@ def main() -> None:
             )
     run_dir = args.runs / trained_by
     started = time.perf_counter()
-    try:  # a complete run comes back untouched; one that other settings trained is refused
+    try:  # a complete run trains nothing; one that other settings trained is refused
         result = train(train_config, run_dir, resume=(run_dir / "checkpoints" / "last.pt").is_file())
     except Interrupted as stopped:
         sys.exit(f"{stopped}\nOr rerun this same command: it resumes the run where it stopped.")

@@ -412,10 +412,16 @@ def test_checkpoint_with_pickled_code_is_refused(tmp_path, capsys):
     assert not (tmp_path / "pwned").exists()
 
 
-def test_resume_with_another_method(trained_run, tmp_path, dataset_root, capsys):
+def test_resume_with_another_method_or_setting(trained_run, tmp_path, dataset_root, capsys):
     other = write_config(tmp_path, dataset_root, {"name": "matching"})
     assert main(["train", str(other), "--run-dir", str(trained_run), "--resume"]) == 2
     assert "is a protonet run, not matching" in capsys.readouterr().err
+    changed = write_config(tmp_path, dataset_root, {"name": "protonet"}, train={"steps": 2, "lr": 0.5})
+    assert main(["train", str(changed), "--run-dir", str(trained_run), "--resume"]) == 2
+    assert "train.lr: 0.001 in the run, 0.5 now" in capsys.readouterr().err  # not resumed silently
+    longer = write_config(tmp_path, dataset_root, {"name": "protonet"}, train={"steps": 3})
+    assert main(["train", str(longer), "--run-dir", str(trained_run), "--resume", "--no-eval"]) == 0
+    assert checkpoint.load(trained_run / "checkpoints" / "last.pt")["step"] == 3
 
 
 def test_checkpoint_from_another_method(trained_run, tmp_path, capsys):

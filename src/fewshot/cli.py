@@ -132,11 +132,8 @@ def _train(args: argparse.Namespace) -> None:
         saved = Path(args.run_dir) / "config.yaml"
         if not saved.is_file():
             raise ConfigError(f"Nothing to resume: {saved} does not exist.")
-        config = load_config(str(saved), overrides)
-        if args.config:
-            wanted = load_config(args.config, overrides)
-            if wanted.method.name != config.method.name:
-                raise ConfigError(f"{args.run_dir} is a {config.method.name} run, not {wanted.method.name}.")
+        # a named config must describe the run as it was trained: train() refuses it otherwise
+        config = load_config(args.config or str(saved), overrides)
     else:
         if not args.config:
             raise ConfigError("Name a preset (`fewshot presets` lists them) or a .yaml config to train.")
