@@ -353,6 +353,18 @@ def test_similarity_scale_reaches_the_method():
         load_config("matching-omniglot-5w1s", ["method.scale=0"])
 
 
+def test_reptile_inner_settings_reach_reptile_only():
+    from fewshot.methods.registry import build_method
+
+    overrides = ["method.inner_batch=25", "method.inner_optimizer=adam"]
+    method = build_method(load_config("reptile-omniglot-5w1s", overrides), (1, 28, 28))
+    assert (method.inner_batch, method.inner_optimizer) == (25, "adam")
+    with pytest.raises(ConfigError, match="method.inner_batch and method.inner_optimizer are Reptile's"):
+        load_config("maml-omniglot-5w1s", ["method.inner_optimizer=adam"])
+    with pytest.raises(ConfigError, match="method.inner_batch"):
+        load_config("reptile-omniglot-5w1s", ["method.inner_batch=0"])
+
+
 def test_unknown_preset_through_the_cli(capsys):
     assert main(["train", "protonet-omniglot-5w1"]) == 2
     err = capsys.readouterr().err

@@ -18,6 +18,8 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from synthetic import class_templates, synthetic_batch
 from torch import nn
 from torch.func import functional_call
@@ -312,6 +314,106 @@ def test_reptile_update_matches_its_definition() -> None:
         assert float(loss.detach()) == pytest.approx(metrics["loss"])
 
 
+def test_reptile_adam_minibatch_inner_loop_matches_the_reference_code() -> None:
+    """Inner Adam with beta1 = 0 on shuffled minibatches, its second moment kept across tasks and
+    meta-batches (openai/supervised-reptile), written out by hand on linear regression.
+
+    Every task of a meta-batch starts from the kept state; after the meta-batch the state takes in
+    the tasks' squared gradients with the decay of all their steps.
+    """
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1).double()
+    gen = torch.Generator().manual_seed(1)
+    tasks, examples, size, steps = 4, 6, 4, 3
+    xs = torch.randn(2, tasks, examples, 3, generator=gen, dtype=torch.float64)
+    ys = torch.randn(2, tasks, examples, 1, generator=gen, dtype=torch.float64)
+    lr, eps, beta2, tiny = 0.01, 0.5, 0.999, 1e-8
+    w, b = model.weight.detach().clone(), model.bias.detach().clone()
+    v_w, v_b, count = torch.zeros_like(w), torch.zeros_like(b), 0
+    expected = []
+    for k in range(2):  # two meta-batches
+        torch.manual_seed(10 + k)  # the minibatch order: a fresh shuffle for each pass over a task
+        orders = [
+            torch.cat([torch.randperm(examples) for _ in range(2)])[: steps * size] for _ in range(tasks)
+        ]
+        adapted_w, adapted_b, ends_w, ends_b = [], [], [], []
+        for t in range(tasks):
+            aw, ab, mw, mb = w.clone(), b.clone(), v_w.clone(), v_b.clone()
+            for s in range(steps):
+                rows = orders[t][s * size : (s + 1) * size]
+                x, y = xs[k, t, rows], ys[k, t, rows]
+                residual = x @ aw.t() + ab - y
+                grad_w = 2 * residual.t() @ x / residual.numel()
+                grad_b = 2 * residual.sum(0) / residual.numel()
+                mw = beta2 * mw + (1 - beta2) * grad_w**2
+                mb = beta2 * mb + (1 - beta2) * grad_b**2
+                correction = math.sqrt(1 - beta2 ** (count + s + 1))
+                aw = aw - lr * correction * grad_w / (mw.sqrt() + tiny)
+                ab = ab - lr * correction * grad_b / (mb.sqrt() + tiny)
+            adapted_w.append(aw)
+            adapted_b.append(ab)
+            ends_w.append(mw)
+            ends_b.append(mb)
+        w = w + eps * (torch.stack(adapted_w).mean(0) - w)
+        b = b + eps * (torch.stack(adapted_b).mean(0) - b)
+        d, big_d = beta2**steps, beta2 ** (steps * tasks)
+        v_w = big_d * v_w + (1 - big_d) * (torch.stack(ends_w).mean(0) - d * v_w) / (1 - d)
+        v_b = big_d * v_b + (1 - big_d) * (torch.stack(ends_b).mean(0) - d * v_b) / (1 - d)
+        count += tasks * steps
+        expected.append((w, b, v_w, v_b))
+    for path in ("vmap", "loop"):
+        method = Reptile(
+            copy.deepcopy(model),
+            inner_lr=lr,
+            inner_steps=steps,
+            inner_batch=size,
+            inner_optimizer="adam",
+            task="regression",
+            path=path,
+        )
+        optimiser = torch.optim.SGD(method.parameters(), lr=eps)
+        for k in range(2):
+            torch.manual_seed(10 + k)
+            optimiser.zero_grad()
+            method.loss(EpisodeBatch(xs[k], ys[k], xs[k, :, :2], ys[k, :, :2]))[0].backward()
+            optimiser.step()
+            w, b, v_w, v_b = expected[k]
+            torch.testing.assert_close(method.model.weight.detach(), w)
+            torch.testing.assert_close(method.model.bias.detach(), b)
+            torch.testing.assert_close(method.moments.get_buffer("weight"), v_w)
+            torch.testing.assert_close(method.moments.get_buffer("bias"), v_b)
+        assert int(method.inner_adam_steps) == 2 * tasks * steps
+        assert "inner_adam_steps" in method.state_dict()  # checkpointed with the method
+        # Evaluation adapts on the whole support set from the kept state and leaves it alone.
+        kept = method.moments.get_buffer("weight").clone()
+        method.query_logits(EpisodeBatch(xs[0], ys[0], xs[0, :, :2], ys[0, :, :2]))
+        assert torch.equal(method.moments.get_buffer("weight"), kept)
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    tasks=st.integers(1, 4),
+    examples=st.integers(1, 30),
+    size=st.integers(1, 40),
+    steps=st.integers(1, 12),
+)
+def test_reptile_minibatches_walk_through_shuffled_passes(
+    tasks: int, examples: int, size: int, steps: int
+) -> None:
+    """Each task's minibatch rows are consecutive slices of shuffled passes over its examples."""
+    method = Reptile(nn.Linear(2, 1), inner_steps=steps, inner_batch=size, task="regression")
+    order = method._minibatch_order(tasks, examples, torch.device("cpu"))
+    if size >= examples:
+        assert order is None  # the whole set every step
+        return
+    assert order.shape == (tasks, steps * size)
+    for rows in order:
+        for start in range(0, rows.numel() - examples + 1, examples):
+            assert sorted(rows[start : start + examples].tolist()) == list(range(examples))
+        tail = rows[rows.numel() - rows.numel() % examples :].tolist()
+        assert len(set(tail)) == len(tail) and all(0 <= r < examples for r in tail)
+
+
 def test_vmap_failure_falls_back_to_loop_with_warning() -> None:
     class Fussy(nn.Module):
         """Data-dependent Python control flow: vmap cannot batch ``.item()``."""
@@ -389,6 +491,7 @@ LEARNERS = {
     "metasgd": lambda m: MetaSGD(m, inner_lr=0.4),
     "anil": lambda m: ANIL(m, inner_lr=0.4, inner_steps=2),
     "reptile": lambda m: Reptile(m, inner_lr=0.4, inner_steps=3),
+    "reptile-adam": lambda m: Reptile(m, inner_lr=0.01, inner_steps=3, inner_batch=3, inner_optimizer="adam"),
 }
 
 

@@ -58,6 +58,9 @@ class MethodConfig(Section):
     first_order: bool = False
     per_step_lr: bool = False
     batchnorm: Literal["transductive", "non-transductive"] = "transductive"
+    # reptile: minibatch size and optimiser of the inner steps (None: the whole support set)
+    inner_batch: int | None = Field(None, ge=1)
+    inner_optimizer: Literal["sgd", "adam"] = "sgd"
     # metric-based methods
     distance: Literal["euclidean", "cosine"] = "euclidean"
     fce: bool = False
@@ -143,6 +146,12 @@ class Config(Section):
                 f"{self.method.name} has a {self.train_episode.ways}-way output layer, so it evaluates "
                 f"{self.train_episode.ways}-way tasks only (eval.ways is {ways}); set eval.ways to "
                 f"{self.train_episode.ways} or train with train_episode.ways={ways}."
+            )
+        m = self.method
+        if m.name != "reptile" and (m.inner_batch is not None or m.inner_optimizer != "sgd"):
+            raise ValueError(
+                f"method.inner_batch and method.inner_optimizer are Reptile's settings; {m.name} takes "
+                "full-batch SGD inner steps. Remove them, or set method.name=reptile."
             )
         if self.task == "sinusoid" and self.method.name not in GRADIENT_METHODS:
             raise ValueError(f"sinusoid regression needs a gradient-based method, not {self.method.name}.")

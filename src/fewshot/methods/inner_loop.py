@@ -252,13 +252,13 @@ def inner_loop(
     create_graph = create_graph and torch.is_grad_enabled()
     current: Params = dict(params)
     for step in range(steps):
-        grads = _gradients(forward, loss_fn, current, adapt_names, x, y, create_graph, engine)
+        grads = task_gradients(forward, loss_fn, current, adapt_names, x, y, create_graph, engine)
         for name in adapt_names:
             current[name] = current[name] - lr(step, name) * grads[name]
     return current
 
 
-def _gradients(
+def task_gradients(
     forward: TaskForward,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     params: Params,
@@ -268,6 +268,7 @@ def _gradients(
     create_graph: bool,
     engine: Engine,
 ) -> Params:
+    """Gradients of one task's loss on (x, y) with respect to the parameters ``names``."""
     if not create_graph:
         # Constants: evaluate the gradient at detached values so no graph is kept.
         params = {k: v.detach() for k, v in params.items()}

@@ -1,7 +1,7 @@
 """Reptile: first-order meta-learning by moving towards task-adapted weights.
 
 Nichol, Achiam & Schulman (2018), "On First-Order Meta-Learning Algorithms".
-For each task, take ``inner_steps`` plain SGD steps from the initial
+For each task, take ``inner_steps`` gradient steps from the initial
 parameters theta on the task's training examples, reaching theta'_t. The
 Reptile update moves theta towards the mean of the theta'_t:
 
@@ -13,14 +13,36 @@ theta is ``theta - mean_t theta'_t``, so an outer ``torch.optim.SGD`` with
 direction). The scalar's *value* is the query loss after adaptation, so logs
 stay meaningful.
 
+The inner loop can follow the reference code (openai/supervised-reptile)
+rather than plain full-batch SGD:
+
+* ``inner_batch``: each step takes a minibatch of the task's examples, drawn
+  as consecutive slices of a shuffled order that is reshuffled after each
+  pass, so a task's 75 examples in batches of 25 over 3 steps are one pass.
+  This is a third to a fifth of the full-batch work per step.
+* ``inner_optimizer="adam"``: the reference code's inner Adam with
+  beta1 = 0 (so RMSProp with Adam's bias correction), whose second-moment
+  estimate is *not* reset between tasks: it is a running average of squared
+  inner gradients over the whole of training. Here it is a buffer of the
+  method (checkpointed, resumed). The reference code runs a meta-batch's
+  tasks one after another, each starting from the state the previous one
+  left; vectorised, every task of a meta-batch starts from the same state,
+  and afterwards the state takes in all their squared gradients (the
+  average over tasks, with the decay of all their steps). Evaluation adapts
+  from the state and leaves it unchanged, as the reference code does. Under
+  torchrun each process folds in its own share of the tasks and the engine
+  then averages the buffers across processes, which keeps them identical
+  everywhere but decays the old state, and counts steps, over one share's
+  steps rather than the whole meta-batch's.
+
 The inner steps run vectorised over tasks with ``torch.func.vmap`` (or task by
-task on the loop path) through the same ``inner_loop`` as MAML, without any
-second-order graph.
+task on the loop path), without any second-order graph.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 
 import torch
@@ -32,24 +54,34 @@ from fewshot.methods.inner_loop import (
     Params,
     TaskForward,
     batch_metrics,
-    inner_loop,
     query_forward,
+    task_gradients,
     vmap_tasks,
 )
-from fewshot.methods.maml import MAML
+from fewshot.methods.maml import MAML, _lr_key
+
+INNER_OPTIMIZERS = ("sgd", "adam")
+ADAM_BETA2 = 0.999
+ADAM_EPS = 1e-8
+"""The reference code's inner Adam: TensorFlow's defaults with beta1 = 0."""
 
 
 class Reptile(MAML):
-    """Reptile (Nichol et al. 2018) with plain-SGD inner steps.
+    """Reptile (Nichol et al. 2018).
 
     Args:
         model: the network (its ``nn.BatchNorm*`` layers become ``TaskBatchNorm``).
-        inner_lr: inner SGD step size (a float, or one per step).
-        inner_steps: SGD steps per task during meta-training (the paper uses 5-10).
+        inner_lr: inner step size (a float, or one per step); Adam's rate with
+            ``inner_optimizer="adam"``.
+        inner_steps: inner steps per task during meta-training.
         inner_steps_test: steps when adapting for evaluation; defaults to ``inner_steps``.
         use_query: also train the inner loop on the query examples (support + query
             together), as Reptile treats a task's data as one training set. The
             reported metrics are then measured on examples the inner loop saw.
+        inner_batch: examples per inner step during meta-training (None: all of
+            them). Evaluation adapts on the whole support set.
+        inner_optimizer: "sgd", or "adam" (beta1 = 0, second moment kept across
+            tasks, as in the reference code).
         batchnorm, task, path, forward, chunk_size: as for ``MAML``.
 
     The outer update is the optimiser's: ``torch.optim.SGD(method.parameters(),
@@ -65,6 +97,8 @@ class Reptile(MAML):
         inner_steps: int = 5,
         inner_steps_test: int | None = None,
         use_query: bool = False,
+        inner_batch: int | None = None,
+        inner_optimizer: str = "sgd",
         batchnorm: str = "transductive",
         task: str = "classification",
         path: str = "auto",
@@ -84,7 +118,111 @@ class Reptile(MAML):
             forward=forward,
             chunk_size=chunk_size,
         )
+        if inner_batch is not None and (
+            isinstance(inner_batch, bool) or not isinstance(inner_batch, int) or inner_batch < 1
+        ):
+            raise ValueError(
+                f"inner_batch must be a positive integer or None (all examples), got {inner_batch!r}"
+            )
+        if inner_optimizer not in INNER_OPTIMIZERS:
+            raise ValueError(f"inner_optimizer must be one of {INNER_OPTIMIZERS}, got {inner_optimizer!r}")
         self.use_query = bool(use_query)
+        self.inner_batch = inner_batch
+        self.inner_optimizer = inner_optimizer
+        self.moments = nn.Module()  # Adam's second moments, one buffer per adapted parameter
+        if inner_optimizer == "adam":
+            for name in self._adapt_names():
+                param = self.model.get_parameter(name)
+                self.moments.register_buffer(_lr_key(name), torch.zeros_like(param.detach()))
+            self.register_buffer("inner_adam_steps", torch.zeros((), dtype=torch.long))
+
+    # ---------------------------------------------------------------- inner loop
+
+    def _moment(self, name: str) -> torch.Tensor:
+        return self.moments.get_buffer(_lr_key(name))
+
+    def _adapt(
+        self,
+        params: Params,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        order: torch.Tensor | None,
+        *,
+        steps: int,
+        engine: Engine,
+        forward: TaskForward,
+        adam_steps: int,
+    ) -> tuple[Params, Params]:
+        """One task's inner loop: (adapted parameters, Adam's second moments after it, or {})."""
+        names = self._adapt_names()
+        current = dict(params)
+        moments = {n: self._moment(n) for n in names} if self.inner_optimizer == "adam" else {}
+        for step in range(steps):
+            xb, yb = x, y
+            if order is not None:
+                rows = order[step * self.inner_batch : (step + 1) * self.inner_batch]
+                xb, yb = x.index_select(0, rows), y.index_select(0, rows)
+            grads = task_gradients(forward, self.loss_fn, current, names, xb, yb, False, engine)
+            for name in names:
+                direction = grads[name]
+                if moments:
+                    moments[name] = ADAM_BETA2 * moments[name] + (1 - ADAM_BETA2) * direction * direction
+                    correction = math.sqrt(1 - ADAM_BETA2 ** (adam_steps + step + 1))
+                    direction = correction * direction / (moments[name].sqrt() + ADAM_EPS)
+                current[name] = current[name] - self._lr({}, step, name) * direction
+        return {n: current[n] for n in names}, moments
+
+    def _adam_steps(self) -> int:
+        return int(self.inner_adam_steps) if self.inner_optimizer == "adam" else 0
+
+    def _minibatch_order(self, tasks: int, examples: int, device: torch.device) -> torch.Tensor | None:
+        """Rows of each inner step's minibatch, (tasks, steps * inner_batch); None for full batches.
+
+        Drawn from torch's global generator, which the engine checkpoints, so a
+        resumed run draws the same minibatches.
+        """
+        size = self.inner_batch
+        if size is None or size >= examples or self.inner_steps == 0:
+            return None
+        needed = self.inner_steps * size
+        passes = -(-needed // examples)
+        orders = [torch.cat([torch.randperm(examples) for _ in range(passes)])[:needed] for _ in range(tasks)]
+        return torch.stack(orders).to(device)
+
+    def _task(
+        self,
+        params: Params,
+        lr_params: dict[str, torch.Tensor],
+        xs: torch.Tensor,
+        ys: torch.Tensor,
+        xq: torch.Tensor,
+        yq: torch.Tensor,
+        *,
+        steps: int,
+        create_graph: bool,
+        engine: Engine,
+        forward: TaskForward,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Evaluation: adapt on the whole support set, then (query loss, query outputs)."""
+        adapted, _ = self._adapt(
+            params, xs, ys, None, steps=steps, engine=engine, forward=forward, adam_steps=self._adam_steps()
+        )
+        out = query_forward(forward, {**params, **adapted}, xs, xq, self._nt)
+        return self.loss_fn(out, yq), out
+
+    def _adapt_one(self, support: torch.Tensor, labels: torch.Tensor) -> tuple[Params, TaskForward]:
+        params = {k: v.detach() for k, v in self.model.named_parameters()}
+        adapted, _ = self._adapt(
+            params,
+            support,
+            labels,
+            None,
+            steps=self.inner_steps_test,
+            engine="autograd",
+            forward=self._forward_vec,
+            adam_steps=self._adam_steps(),
+        )
+        return {**params, **{k: v.detach() for k, v in adapted.items()}}, self._forward_vec
 
     def _reptile_task(
         self,
@@ -93,63 +231,78 @@ class Reptile(MAML):
         ys: torch.Tensor,
         xq: torch.Tensor,
         yq: torch.Tensor,
+        order: torch.Tensor | None = None,
         *,
         engine: Engine,
         forward: TaskForward,
-    ) -> tuple[Params, torch.Tensor, torch.Tensor]:
-        """One task: (adapted parameters, query loss, query outputs), nothing differentiable."""
+        adam_steps: int,
+    ) -> tuple[Params, Params, torch.Tensor, torch.Tensor]:
+        """One training task: (adapted parameters, second moments, query loss, query outputs)."""
         x_train, y_train = (torch.cat([xs, xq]), torch.cat([ys, yq])) if self.use_query else (xs, ys)
-        lr = functools.partial(self._lr, {})
-        adapted = inner_loop(
-            forward,
-            self.loss_fn,
+        adapted, moments = self._adapt(
             params,
-            self._adapt_names(),
             x_train,
             y_train,
-            self.inner_steps,
-            lr,
-            create_graph=False,
+            order,
+            steps=self.inner_steps,
             engine=engine,
+            forward=forward,
+            adam_steps=adam_steps,
         )
-        adapted = {n: adapted[n] for n in self._adapt_names()}
         with torch.no_grad():
-            full = {**params, **adapted}
-            out = query_forward(forward, full, xs, xq, self._nt)
-            return adapted, self.loss_fn(out, yq), out
+            out = query_forward(forward, {**params, **adapted}, xs, xq, self._nt)
+            return adapted, moments, self.loss_fn(out, yq), out
+
+    # ---------------------------------------------------------------- Method API
 
     def loss(self, batch: EpisodeBatch) -> tuple[torch.Tensor, dict[str, float]]:
         """Surrogate whose gradient is theta - mean(adapted theta); its value is the query loss."""
         named = dict(self.model.named_parameters())
         params = {k: v.detach() for k, v in named.items()}
+        examples = batch.support.shape[1] + (batch.query.shape[1] if self.use_query else 0)
+        order = self._minibatch_order(batch.tasks, examples, batch.support.device)
         data = (batch.support, batch.support_labels, batch.query, batch.query_labels)
+        data = data if order is None else (*data, order)
+        adam_steps = self._adam_steps()
 
-        def vectorised() -> tuple[Params, torch.Tensor, torch.Tensor]:
-            fn = functools.partial(self._reptile_task, engine="func", forward=self._forward_vec)
+        def accumulate(sums: Params, parts: Params, stacked: bool) -> None:
+            for n, v in parts.items():
+                v = v.sum(0) if stacked else v
+                sums[n] = sums[n] + v if n in sums else v.clone()
+
+        def vectorised() -> tuple[Params, Params, torch.Tensor, torch.Tensor]:
+            fn = functools.partial(
+                self._reptile_task, engine="func", forward=self._forward_vec, adam_steps=adam_steps
+            )
             sums: Params = {}
+            moment_sums: Params = {}
             losses, outs = [], []
-            parts = zip(*(d.split(self._chunks(batch)) for d in data), strict=True)
-            for part in parts:
-                adapted, loss_c, out_c = vmap_tasks(fn, (params,), part)
-                for n, v in adapted.items():
-                    sums[n] = sums[n] + v.sum(0) if n in sums else v.sum(0)
+            for part in zip(*(d.split(self._chunks(batch)) for d in data), strict=True):
+                adapted, moments, loss_c, out_c = vmap_tasks(fn, (params,), part)
+                accumulate(sums, adapted, True)
+                accumulate(moment_sums, moments, True)
                 losses.append(loss_c)
                 outs.append(out_c)
-            return sums, torch.cat(losses), torch.cat(outs)
+            return sums, moment_sums, torch.cat(losses), torch.cat(outs)
 
-        def loop() -> tuple[Params, torch.Tensor, torch.Tensor]:
-            fn = functools.partial(self._reptile_task, engine="autograd", forward=self._forward_loop)
+        def loop() -> tuple[Params, Params, torch.Tensor, torch.Tensor]:
+            fn = functools.partial(
+                self._reptile_task, engine="autograd", forward=self._forward_loop, adam_steps=adam_steps
+            )
             sums: Params = {}
+            moment_sums: Params = {}
             losses, outs = [], []
             for t in range(batch.tasks):
-                adapted, loss_t, out_t = fn(params, *(d[t] for d in data))
-                for n, v in adapted.items():
-                    sums[n] = sums[n] + v if n in sums else v.clone()
+                adapted, moments, loss_t, out_t = fn(params, *(d[t] for d in data))
+                accumulate(sums, adapted, False)
+                accumulate(moment_sums, moments, False)
                 losses.append(loss_t)
                 outs.append(out_t)
-            return sums, torch.stack(losses), torch.stack(outs)
+            return sums, moment_sums, torch.stack(losses), torch.stack(outs)
 
-        sums, losses, outs = self.runner.run("train", vectorised, loop)
+        sums, moment_sums, losses, outs = self.runner.run("train", vectorised, loop)
+        if moment_sums and self.inner_steps > 0:
+            self._absorb_moments(moment_sums, batch.tasks)
         loss = losses.mean().detach()
         surrogate = torch.zeros((), dtype=loss.dtype, device=loss.device)
         for name, total in sums.items():
@@ -158,9 +311,29 @@ class Reptile(MAML):
         value = loss + (surrogate - surrogate.detach())
         return value, batch_metrics(self.task, loss, outs, batch.query_labels)
 
+    @torch.no_grad()
+    def _absorb_moments(self, moment_sums: Params, tasks: int) -> None:
+        """Fold a meta-batch's inner steps into the kept second moments.
+
+        Each task's moments end at ``d * v0 + (1 - d) * u_t`` (``d = beta2 **
+        steps``, ``u_t`` its own weighted mean of squared gradients). The kept
+        state becomes ``D * v0 + (1 - D) * mean_t u_t`` with ``D = d ** tasks``:
+        the decay of all the meta-batch's steps, every task weighted alike.
+        """
+        steps = self.inner_steps
+        decay = ADAM_BETA2**steps
+        total_decay = decay**tasks
+        for name, total in moment_sums.items():
+            start = self._moment(name)
+            mean_u = (total / tasks - decay * start) / (1 - decay)
+            start.copy_(total_decay * start + (1 - total_decay) * mean_u)
+        self.inner_adam_steps += tasks * steps
+
     def describe(self) -> dict[str, object]:
         out = super().describe()
         out["method"] = self.name  # first order by definition: no "(first order)" label
         out["use_query"] = self.use_query
         out["first_order"] = True
+        out["inner_batch"] = self.inner_batch
+        out["inner_optimizer"] = self.inner_optimizer
         return out
