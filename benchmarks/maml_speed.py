@@ -73,7 +73,11 @@ Peak RSS (base ~297 MB): loop 355 / 338-339 MB (SO / FO); default vmap path
   4x4 patch, then ``amax``) was slower than the fold + ``max_pool2d``;
   channels-last inside vmap is not available (``NYI: querying is_contiguous
   inside of vmap``); ``mallopt`` (no mmap for large blocks) and transparent
-  huge pages (``THP_MEM_ALLOC_ENABLE=1``) gave no consistent gain.
+  huge pages (``THP_MEM_ALLOC_ENABLE=1``) gave no consistent gain. Nor did
+  running the chunks two at a time, each in its own Python thread with one
+  intra-op thread (so the small, serial parts of one chunk overlap the
+  other's): chunks of 16, 8 and 4 tasks gave 80-84, 81-88 and 78 tasks/s
+  against 74-86 for the default in the same three round-robin runs.
 * Rejected: the meta-gradient by forward over reverse instead of reverse
   over reverse (``make_forward_hvp_step``, timed with ``--ablation``): per
   task, (I - lr H) g_q with the Hessian-vector product from
