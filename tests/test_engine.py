@@ -356,11 +356,14 @@ def test_similarity_scale_reaches_the_method():
 def test_reptile_inner_settings_reach_reptile_only():
     from fewshot.methods.registry import build_method
 
-    overrides = ["method.inner_batch=25", "method.inner_optimizer=adam"]
+    overrides = ["method.inner_batch=25", "method.inner_optimizer=adam", "method.inner_batch_test=7"]
     method = build_method(load_config("reptile-omniglot-5w1s", overrides), (1, 28, 28))
-    assert (method.inner_batch, method.inner_optimizer) == (25, "adam")
-    with pytest.raises(ConfigError, match="method.inner_batch and method.inner_optimizer are Reptile's"):
-        load_config("maml-omniglot-5w1s", ["method.inner_optimizer=adam"])
+    assert (method.inner_batch, method.inner_optimizer, method.inner_batch_test) == (25, "adam", 7)
+    for setting in ("method.inner_optimizer=adam", "method.inner_batch_test=5"):
+        with pytest.raises(
+            ConfigError, match="method.inner_batch, method.inner_batch_test and method.inner_opt"
+        ):
+            load_config("maml-omniglot-5w1s", [setting])
     with pytest.raises(ConfigError, match="method.inner_batch"):
         load_config("reptile-omniglot-5w1s", ["method.inner_batch=0"])
 

@@ -390,6 +390,60 @@ def test_reptile_adam_minibatch_inner_loop_matches_the_reference_code() -> None:
         assert torch.equal(method.moments.get_buffer("weight"), kept)
 
 
+def test_reptile_evaluation_minibatches_are_fixed_by_each_episode() -> None:
+    """``inner_batch_test``: evaluation adapts on shuffled minibatches of the support set whose order
+    depends on the episode alone (not on batching, path or the global generator), as written out here.
+    """
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1).double()
+    gen = torch.Generator().manual_seed(2)
+    tasks, examples, size, steps, lr = 5, 7, 3, 4, 0.05
+    support = torch.randn(tasks, examples, 3, generator=gen, dtype=torch.float64)
+    targets = torch.randn(tasks, examples, 1, generator=gen, dtype=torch.float64)
+    query = torch.randn(tasks, 4, 3, generator=gen, dtype=torch.float64)
+    batch = EpisodeBatch(support, targets, query, torch.zeros(tasks, 4, 1, dtype=torch.float64))
+
+    def reptile(path: str, batch_test: int | None = size) -> Reptile:
+        return Reptile(
+            copy.deepcopy(model),
+            inner_lr=lr,
+            inner_steps_test=steps,
+            inner_batch_test=batch_test,
+            task="regression",
+            path=path,
+        )
+
+    method = reptile("vmap")
+    rng = torch.get_rng_state()
+    outputs = method.query_logits(batch)
+    assert torch.equal(torch.get_rng_state(), rng)  # training's generator is not drawn from
+    order = method._eval_order(support)
+    assert order.shape == (tasks, steps * size)
+    for t in range(tasks):  # by hand: SGD on the rows of each step, then predict the queries
+        w, b = model.weight.detach().clone(), model.bias.detach().clone()
+        assert sorted(order[t, :examples].tolist()) == list(range(examples))  # a shuffled pass
+        for s in range(steps):
+            rows = order[t, s * size : (s + 1) * size]
+            residual = support[t, rows] @ w.t() + b - targets[t, rows]
+            w = w - lr * 2 * residual.t() @ support[t, rows] / residual.numel()
+            b = b - lr * 2 * residual.sum(0) / residual.numel()
+        torch.testing.assert_close(outputs[t], query[t] @ w.t() + b)
+        torch.testing.assert_close(method.adapt(support[t], targets[t])(query[t]), outputs[t])
+    # The same episodes, batched otherwise or on the loop path, adapt the same way.
+    parts = [
+        EpisodeBatch(*(d[i:j] for d in (support, targets, query, batch.query_labels)))
+        for i, j in ((0, 2), (2, 5))
+    ]
+    torch.testing.assert_close(torch.cat([method.query_logits(p) for p in parts]), outputs)
+    torch.testing.assert_close(reptile("loop").query_logits(batch), outputs)
+    assert not torch.allclose(reptile("vmap", None).query_logits(batch), outputs)  # minibatches matter
+    assert reptile("vmap", examples)._eval_order(support) is None  # a batch as large as the set: full batch
+    other = support.clone()
+    other[0, 0, 0] += 1.0
+    assert not torch.equal(method._eval_order(other)[0], order[0])  # another episode, another order
+    assert torch.equal(method._eval_order(other)[1:], order[1:])
+
+
 @settings(max_examples=50, deadline=None)
 @given(
     tasks=st.integers(1, 4),

@@ -58,9 +58,11 @@ class MethodConfig(Section):
     first_order: bool = False
     per_step_lr: bool = False
     batchnorm: Literal["transductive", "non-transductive"] = "transductive"
-    # reptile: minibatch size and optimiser of the inner steps (None: the whole support set)
+    # reptile: minibatch size and optimiser of the inner steps (None: the whole support set),
+    # and the minibatch size when adapting for evaluation
     inner_batch: int | None = Field(None, ge=1)
     inner_optimizer: Literal["sgd", "adam"] = "sgd"
+    inner_batch_test: int | None = Field(None, ge=1)
     # metric-based methods
     distance: Literal["euclidean", "cosine"] = "euclidean"
     fce: bool = False
@@ -148,10 +150,13 @@ class Config(Section):
                 f"{self.train_episode.ways} or train with train_episode.ways={ways}."
             )
         m = self.method
-        if m.name != "reptile" and (m.inner_batch is not None or m.inner_optimizer != "sgd"):
+        if m.name != "reptile" and (
+            m.inner_batch is not None or m.inner_optimizer != "sgd" or m.inner_batch_test is not None
+        ):
             raise ValueError(
-                f"method.inner_batch and method.inner_optimizer are Reptile's settings; {m.name} takes "
-                "full-batch SGD inner steps. Remove them, or set method.name=reptile."
+                "method.inner_batch, method.inner_batch_test and method.inner_optimizer are Reptile's "
+                f"settings; {m.name} takes full-batch SGD inner steps. Remove them, or set "
+                "method.name=reptile."
             )
         if self.task == "sinusoid" and self.method.name not in GRADIENT_METHODS:
             raise ValueError(f"sinusoid regression needs a gradient-based method, not {self.method.name}.")

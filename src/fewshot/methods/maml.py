@@ -308,11 +308,15 @@ class MAML(Method):
         first = next(m for m in self.model.modules() if isinstance(m, nn.Conv2d))
         return first.out_channels * input_shape[1] * input_shape[2]
 
+    def _eval_data(self, batch: EpisodeBatch) -> tuple[torch.Tensor, ...]:
+        """The per-task tensors evaluation maps ``_task`` over (Reptile adds its minibatch order)."""
+        return (batch.support, batch.support_labels, batch.query, batch.query_labels)
+
     def query_logits(self, batch: EpisodeBatch) -> torch.Tensor:
         """Outputs (T, N*Q, ...) for every query after ``inner_steps_test`` steps, batched over tasks."""
         params = {k: v.detach() for k, v in self.model.named_parameters()}
         lr_params = {k: v.detach() for k, v in self._lr_params().items()}
-        data = (batch.support, batch.support_labels, batch.query, batch.query_labels)
+        data = self._eval_data(batch)
         kwargs = {"steps": self.inner_steps_test, "create_graph": False}
 
         def vectorised() -> torch.Tensor:

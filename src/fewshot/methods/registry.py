@@ -79,4 +79,10 @@ def _gradient_method(config: Config, input_shape: tuple[int, ...]) -> Method:
         return MAML(model, first_order=first_order, per_step_lr=m.per_step_lr, **common)
     if m.name == "metasgd":
         return MetaSGD(model, first_order=m.first_order, **common)
-    return Reptile(model, inner_batch=m.inner_batch, inner_optimizer=m.inner_optimizer, **common)
+    return Reptile(
+        model,
+        inner_batch=m.inner_batch,
+        inner_optimizer=m.inner_optimizer,
+        inner_batch_test=m.inner_batch_test,
+        **common,
+    )

@@ -20,6 +20,12 @@ rather than plain full-batch SGD:
   as consecutive slices of a shuffled order that is reshuffled after each
   pass, so a task's 75 examples in batches of 25 over 3 steps are one pass.
   This is a third to a fifth of the full-batch work per step.
+* ``inner_batch_test``: the same at evaluation (the reference code's
+  ``--eval-batch``), where the order must not depend on when or how the
+  episodes are evaluated: it comes from a generator seeded by the support
+  set's own bytes, so a fixed test episode gets the same minibatches in any
+  chunk, process or run, and evaluation never draws from the training
+  generator.
 * ``inner_optimizer="adam"``: the reference code's inner Adam with
   beta1 = 0 (so RMSProp with Adam's bias correction), whose second-moment
   estimate is *not* reset between tasks: it is a running average of squared
@@ -42,6 +48,7 @@ task on the loop path), without any second-order graph.
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
 from collections.abc import Sequence
 
@@ -79,7 +86,9 @@ class Reptile(MAML):
             together), as Reptile treats a task's data as one training set. The
             reported metrics are then measured on examples the inner loop saw.
         inner_batch: examples per inner step during meta-training (None: all of
-            them). Evaluation adapts on the whole support set.
+            them).
+        inner_batch_test: support examples per inner step when adapting for
+            evaluation (None: the whole support set).
         inner_optimizer: "sgd", or "adam" (beta1 = 0, second moment kept across
             tasks, as in the reference code).
         batchnorm, task, path, forward, chunk_size: as for ``MAML``.
@@ -99,6 +108,7 @@ class Reptile(MAML):
         use_query: bool = False,
         inner_batch: int | None = None,
         inner_optimizer: str = "sgd",
+        inner_batch_test: int | None = None,
         batchnorm: str = "transductive",
         task: str = "classification",
         path: str = "auto",
@@ -118,16 +128,16 @@ class Reptile(MAML):
             forward=forward,
             chunk_size=chunk_size,
         )
-        if inner_batch is not None and (
-            isinstance(inner_batch, bool) or not isinstance(inner_batch, int) or inner_batch < 1
-        ):
-            raise ValueError(
-                f"inner_batch must be a positive integer or None (all examples), got {inner_batch!r}"
-            )
+        for setting, value in (("inner_batch", inner_batch), ("inner_batch_test", inner_batch_test)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(
+                    f"{setting} must be a positive integer or None (all examples), got {value!r}"
+                )
         if inner_optimizer not in INNER_OPTIMIZERS:
             raise ValueError(f"inner_optimizer must be one of {INNER_OPTIMIZERS}, got {inner_optimizer!r}")
         self.use_query = bool(use_query)
         self.inner_batch = inner_batch
+        self.inner_batch_test = inner_batch_test
         self.inner_optimizer = inner_optimizer
         self.moments = nn.Module()  # Adam's second moments, one buffer per adapted parameter
         if inner_optimizer == "adam":
@@ -157,10 +167,11 @@ class Reptile(MAML):
         names = self._adapt_names()
         current = dict(params)
         moments = {n: self._moment(n) for n in names} if self.inner_optimizer == "adam" else {}
+        size = 0 if order is None else order.shape[-1] // max(steps, 1)
         for step in range(steps):
             xb, yb = x, y
             if order is not None:
-                rows = order[step * self.inner_batch : (step + 1) * self.inner_batch]
+                rows = order[step * size : (step + 1) * size]
                 xb, yb = x.index_select(0, rows), y.index_select(0, rows)
             grads = task_gradients(forward, self.loss_fn, current, names, xb, yb, False, engine)
             for name in names:
@@ -176,7 +187,7 @@ class Reptile(MAML):
         return int(self.inner_adam_steps) if self.inner_optimizer == "adam" else 0
 
     def _minibatch_order(self, tasks: int, examples: int, device: torch.device) -> torch.Tensor | None:
-        """Rows of each inner step's minibatch, (tasks, steps * inner_batch); None for full batches.
+        """Rows of each training inner step's minibatch, (tasks, steps * inner_batch); None for full batches.
 
         Drawn from torch's global generator, which the engine checkpoints, so a
         resumed run draws the same minibatches.
@@ -185,9 +196,26 @@ class Reptile(MAML):
         if size is None or size >= examples or self.inner_steps == 0:
             return None
         needed = self.inner_steps * size
-        passes = -(-needed // examples)
-        orders = [torch.cat([torch.randperm(examples) for _ in range(passes)])[:needed] for _ in range(tasks)]
-        return torch.stack(orders).to(device)
+        return torch.stack([_shuffled_passes(examples, needed) for _ in range(tasks)]).to(device)
+
+    def _eval_order(self, support: torch.Tensor) -> torch.Tensor | None:
+        """Rows of each evaluation inner step's minibatch for support sets (T, n, ...); None for full batches.
+
+        Each task's order comes from a generator seeded by its support set's
+        bytes: the same episode always adapts the same way, however it is
+        batched, and the global generator (training's) is left untouched.
+        """
+        size, examples = self.inner_batch_test, support.shape[1]
+        if size is None or size >= examples or self.inner_steps_test == 0:
+            return None
+        needed = self.inner_steps_test * size
+        orders = []
+        for task in support.detach().cpu():
+            raw = task.contiguous().view(-1).view(torch.uint8).numpy().tobytes()  # any dtype
+            digest = hashlib.blake2b(raw, digest_size=8).digest()
+            generator = torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
+            orders.append(_shuffled_passes(examples, needed, generator))
+        return torch.stack(orders).to(support.device)
 
     def _task(
         self,
@@ -197,26 +225,28 @@ class Reptile(MAML):
         ys: torch.Tensor,
         xq: torch.Tensor,
         yq: torch.Tensor,
+        order: torch.Tensor | None = None,
         *,
         steps: int,
         create_graph: bool,
         engine: Engine,
         forward: TaskForward,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Evaluation: adapt on the whole support set, then (query loss, query outputs)."""
+        """Evaluation: adapt on the support set (minibatch rows in ``order``); (query loss, outputs)."""
         adapted, _ = self._adapt(
-            params, xs, ys, None, steps=steps, engine=engine, forward=forward, adam_steps=self._adam_steps()
+            params, xs, ys, order, steps=steps, engine=engine, forward=forward, adam_steps=self._adam_steps()
         )
         out = query_forward(forward, {**params, **adapted}, xs, xq, self._nt)
         return self.loss_fn(out, yq), out
 
     def _adapt_one(self, support: torch.Tensor, labels: torch.Tensor) -> tuple[Params, TaskForward]:
         params = {k: v.detach() for k, v in self.model.named_parameters()}
+        order = self._eval_order(support.unsqueeze(0))
         adapted, _ = self._adapt(
             params,
             support,
             labels,
-            None,
+            None if order is None else order[0],
             steps=self.inner_steps_test,
             engine="autograd",
             forward=self._forward_vec,
@@ -252,6 +282,11 @@ class Reptile(MAML):
         with torch.no_grad():
             out = query_forward(forward, {**params, **adapted}, xs, xq, self._nt)
             return adapted, moments, self.loss_fn(out, yq), out
+
+    def _eval_data(self, batch: EpisodeBatch) -> tuple[torch.Tensor, ...]:
+        data = super()._eval_data(batch)
+        order = self._eval_order(batch.support)
+        return data if order is None else (*data, order)
 
     # ---------------------------------------------------------------- Method API
 
@@ -335,5 +370,12 @@ class Reptile(MAML):
         out["use_query"] = self.use_query
         out["first_order"] = True
         out["inner_batch"] = self.inner_batch
+        out["inner_batch_test"] = self.inner_batch_test
         out["inner_optimizer"] = self.inner_optimizer
         return out
+
+
+def _shuffled_passes(examples: int, needed: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The first ``needed`` rows of back-to-back shuffles of ``range(examples)``."""
+    passes = -(-needed // examples)
+    return torch.cat([torch.randperm(examples, generator=generator) for _ in range(passes)])[:needed]
