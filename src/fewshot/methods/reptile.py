@@ -50,7 +50,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
@@ -192,11 +192,8 @@ class Reptile(MAML):
         Drawn from torch's global generator, which the engine checkpoints, so a
         resumed run draws the same minibatches.
         """
-        size = self.inner_batch
-        if size is None or size >= examples or self.inner_steps == 0:
-            return None
-        needed = self.inner_steps * size
-        return torch.stack([_shuffled_passes(examples, needed) for _ in range(tasks)]).to(device)
+        rows = _minibatch_rows(examples, self.inner_batch, self.inner_steps, [None] * tasks)
+        return None if rows is None else rows.to(device)
 
     def _eval_order(self, support: torch.Tensor) -> torch.Tensor | None:
         """Rows of each evaluation inner step's minibatch for support sets (T, n, ...); None for full batches.
@@ -205,17 +202,9 @@ class Reptile(MAML):
         bytes: the same episode always adapts the same way, however it is
         batched, and the global generator (training's) is left untouched.
         """
-        size, examples = self.inner_batch_test, support.shape[1]
-        if size is None or size >= examples or self.inner_steps_test == 0:
-            return None
-        needed = self.inner_steps_test * size
-        orders = []
-        for task in support.detach().cpu():
-            raw = task.contiguous().view(-1).view(torch.uint8).numpy().tobytes()  # any dtype
-            digest = hashlib.blake2b(raw, digest_size=8).digest()
-            generator = torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
-            orders.append(_shuffled_passes(examples, needed, generator))
-        return torch.stack(orders).to(support.device)
+        generators = (_seeded_by(task) for task in support.detach().cpu())  # lazy: unused for full batches
+        rows = _minibatch_rows(support.shape[1], self.inner_batch_test, self.inner_steps_test, generators)
+        return None if rows is None else rows.to(support.device)
 
     def _task(
         self,
@@ -375,7 +364,27 @@ class Reptile(MAML):
         return out
 
 
-def _shuffled_passes(examples: int, needed: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """The first ``needed`` rows of back-to-back shuffles of ``range(examples)``."""
+def _minibatch_rows(
+    examples: int, size: int | None, steps: int, generators: Iterable[torch.Generator | None]
+) -> torch.Tensor | None:
+    """Rows of each step's minibatch, (tasks, steps * size), one task per generator (None: torch's
+    global one): the first ``steps * size`` rows of back-to-back shuffles of ``range(examples)``.
+    None when every step takes the whole set.
+    """
+    if size is None or size >= examples or steps == 0:
+        return None
+    needed = steps * size
     passes = -(-needed // examples)
-    return torch.cat([torch.randperm(examples, generator=generator) for _ in range(passes)])[:needed]
+    return torch.stack(
+        [
+            torch.cat([torch.randperm(examples, generator=g) for _ in range(passes)])[:needed]
+            for g in generators
+        ]
+    )
+
+
+def _seeded_by(task: torch.Tensor) -> torch.Generator:
+    """A generator seeded by a tensor's bytes (any dtype): the same data, the same stream."""
+    raw = task.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+    digest = hashlib.blake2b(raw, digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
