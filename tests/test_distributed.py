@@ -67,6 +67,11 @@ def free_port() -> int:
 
 def fewshot(cwd: Path, *args: str, procs: int = 1) -> subprocess.CompletedProcess:
     """``python -m fewshot ...``, or the same under torchrun with ``procs`` gloo processes."""
+    return launch(cwd, ["-m", "fewshot", *args], procs)
+
+
+def launch(cwd: Path, argv: list[str], procs: int = 1) -> subprocess.CompletedProcess:
+    """``python ARGV``, or under torchrun with ``procs`` processes; it must exit with status 0."""
     launcher = [sys.executable]
     if procs > 1:
         launcher += [
@@ -77,9 +82,7 @@ def fewshot(cwd: Path, *args: str, procs: int = 1) -> subprocess.CompletedProces
             "--master-addr=127.0.0.1",
             f"--master-port={free_port()}",
         ]
-    out = subprocess.run(
-        [*launcher, "-m", "fewshot", *args], cwd=cwd, capture_output=True, text=True, timeout=300
-    )
+    out = subprocess.run([*launcher, *argv], cwd=cwd, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     return out
 
@@ -157,6 +160,31 @@ def test_distributed_resume_continues_the_same_run(tmp_path, dataset_root):
     )
     assert checkpoint.load(tmp_path / "resumed" / "checkpoints" / "last.pt")["step"] == 4
     assert_same_weights(weights(tmp_path / "straight"), weights(tmp_path / "resumed"))
+
+
+LEAVE = """
+import os, torch
+from fewshot.engine import distributed
+distributed.init_from_env(1)
+torch.optim.Adam(torch.nn.Linear(2, 2).parameters())  # as train() does, after the group exists
+distributed.mean_scalars([1.0])
+distributed.shutdown()
+names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+with open(f"gloo-threads-{os.environ['RANK']}", "w") as f:  # a file each: torchrun's -u interleaves prints
+    f.write(str(sum("gloo" in n for n in names)))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads thread names from /proc")
+def test_shutdown_joins_the_gloo_threads(tmp_path):
+    """The group must really be freed on leaving: gloo threads alive into interpreter finalisation
+    can abort a process that has done all its work (5 of 60 two-process `fewshot train` runs on a
+    loaded machine did, before the fix; a CI run failed so).
+    torch.optim's first optimiser imports a module that binds the group as a default argument."""
+    script = tmp_path / "leave.py"
+    script.write_text(LEAVE)
+    launch(tmp_path, [str(script)], procs=2)
+    assert [(tmp_path / f"gloo-threads-{r}").read_text() for r in (0, 1)] == ["0", "0"]
 
 
 def test_meta_batch_that_does_not_split(tmp_path, dataset_root):

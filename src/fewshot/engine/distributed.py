@@ -70,17 +70,33 @@ def init_from_env(threads: int | None = None) -> None:
             f"WORLD_SIZE={os.environ['WORLD_SIZE']} but {', '.join(missing)} is not set: launch with "
             "torchrun (e.g. `torchrun --nproc-per-node 2 -m fewshot train ...`), which sets them."
         )
+    _bind_world_defaults_early()
     # gloo: the engine trains on CPU tensors (nccl would need them on GPUs)
     dist.init_process_group("gloo", timeout=timedelta(minutes=30))
     local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size()))
     torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // local))
 
 
+def _bind_world_defaults_early() -> None:
+    """Import ``torch.distributed.nn.functional`` while no process group exists.
+
+    Its ten functions take ``group=group.WORLD`` as a default argument, bound
+    when the module is first imported; ``torch.optim`` imports it (through
+    ``torch._dynamo``) when the first optimiser is built. Imported after
+    ``init_process_group``, those defaults hold the group for good, so
+    ``destroy_process_group`` cannot free it: its gloo threads then live into
+    interpreter finalisation, and one that drops a finished collective there
+    aborts the process ("terminate called without an active exception") after
+    the command has done all its work. Imported first, the defaults are None.
+    """
+    import torch.distributed.nn.functional  # noqa: F401
+
+
 def shutdown(finished: bool = True) -> None:
-    """Leave the process group. After a finished command every rank waits for the others first:
-    a rank that tears down gloo while a peer is still writing its checkpoint can abort
-    ("terminate called without an active exception"). After an error there is no barrier,
-    since the other ranks may never reach it; torchrun stops them."""
+    """Leave the process group, which joins its gloo threads (see ``_bind_world_defaults_early``).
+    After a finished command every rank waits for the others first, so none tears down gloo
+    while a peer still writes its checkpoint. After an error there is no barrier, since the
+    other ranks may never reach it; torchrun stops them."""
     if active():
         if finished:
             dist.barrier()
