@@ -44,6 +44,7 @@ from pathlib import Path
 import torch
 from plot_curves import parse_target, plot_curve, series_label
 
+from fewshot.allocator import malloc_mode, tune_malloc
 from fewshot.config import load_config, to_yaml, training_differences
 from fewshot.data.datasets import VINYALS_SPLITS
 from fewshot.engine import checkpoint
@@ -54,7 +55,10 @@ from fewshot.errors import FewShotError
 
 def machine() -> str:
     threads = torch.get_num_threads()
-    return f"{threads} thread{'s' * (threads != 1)}, {platform.machine()}, torch {torch.__version__}"
+    return (
+        f"{threads} thread{'s' * (threads != 1)}, {platform.machine()}, torch {torch.__version__}, "
+        f"malloc {malloc_mode()}"
+    )
 
 
 def split_label(dataset: str, split: str) -> str:
@@ -91,6 +95,7 @@ def curve(run_dir: Path, episodes: int, steps: set[int] | None) -> list[dict[str
 
 
 def main() -> None:
+    tune_malloc()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("method", help="maml, fomaml, reptile, metasgd, anil, protonet, matching, relation")
     parser.add_argument("setting", help="e.g. omniglot-5w1s, omniglot-20w5s")

@@ -8,6 +8,7 @@ import os
 import sys
 
 from fewshot import __version__
+from fewshot.allocator import tune_malloc
 from fewshot.errors import FewShotError
 
 
@@ -242,7 +243,13 @@ def _datasets(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; a FewShotError becomes one readable line and exit status 2."""
+    """Entry point; a FewShotError becomes one readable line and exit status 2.
+
+    Run as the command (``argv`` None), it first re-executes itself once with
+    malloc settings that keep freed memory (``fewshot.allocator``).
+    """
+    if argv is None:
+        tune_malloc()
     logging.basicConfig(level=logging.WARNING, format="fewshot: %(message)s")
     args = build_parser().parse_args(argv)
     finished = False
