@@ -51,3 +51,5 @@ def test_tune_malloc_reexecutes_the_same_command_with_the_settings():
     # the code before tune_malloc ran twice (once per process image), the rest once, tuned
     assert lines == ["start []", "start []", f"tuned {TUNABLES}"]
     assert _run(code, **{OPT_OUT: "system"}).splitlines()[-1].startswith("system")
+    interactive = "import sys; sys.ps1 = '>>> '; " + code  # a session a re-execution would restart
+    assert _run(interactive).splitlines() == ["start []", "system None"]

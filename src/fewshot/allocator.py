@@ -75,8 +75,12 @@ def tune_malloc() -> None:
 
     Call it first in a program's entry point, before any output or side
     effect: the process image is replaced (same PID, arguments, environment
-    plus ``GLIBC_TUNABLES``), so whatever ran before runs again.
+    plus ``GLIBC_TUNABLES``), so whatever ran before runs again. Does nothing
+    in an interactive session or a notebook kernel, which a re-execution
+    would restart.
     """
+    if hasattr(sys, "ps1") or sys.flags.interactive or "ipykernel" in sys.modules:
+        return
     env = tuned_environment(os.environ)
     if env is None:
         return
