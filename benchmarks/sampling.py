@@ -18,6 +18,7 @@ import time
 
 import torch
 
+from fewshot.allocator import tune_malloc
 from fewshot.data.datasets import load_dataset
 from fewshot.data.sampler import EpisodeSampler
 
@@ -36,6 +37,7 @@ def episodes_per_s(dataset, ways: int, shots: int, queries: int, tasks: int = 32
 
 
 def main() -> None:
+    tune_malloc()  # as the fewshot command runs (fewshot/allocator.py)
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as cache:
         start = time.perf_counter()

@@ -35,6 +35,7 @@ import time
 
 import torch
 
+from fewshot.allocator import tune_malloc
 from fewshot.engine.evaluate import mean_ci95
 from fewshot.methods.maml import MAML
 from fewshot.models.backbones import MLP
@@ -72,6 +73,7 @@ def figures_of(method: MAML, seed: int, prefix: str) -> dict[str, float | None]:
 
 
 def main() -> None:
+    tune_malloc()  # as the fewshot command runs (fewshot/allocator.py)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=70000)
     parser.add_argument("--val-every", type=int, default=5000)
