@@ -40,6 +40,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from maml_speed import peak_rss_mb
 
 from fewshot.allocator import MARKER, OPT_OUT, malloc_mode, tune_malloc, tuned_environment
 from fewshot.data.episodes import EpisodeBatch
@@ -73,14 +74,6 @@ def make_step(batch: EpisodeBatch, channels_last: bool) -> Callable[[], None]:
     return step
 
 
-def peak_mb() -> float:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def measure_here(rounds: int) -> dict[str, float]:
     """Channels-last step in this process: episodes/s, minor page faults per step, peak MB."""
     torch.set_num_threads(2)
@@ -98,7 +91,7 @@ def measure_here(rounds: int) -> dict[str, float]:
     return {
         "episodes_per_s": 1 / statistics.median(times),
         "faults_per_step": statistics.median(faults),
-        "peak_mb": peak_mb(),
+        "peak_mb": peak_rss_mb(),
         "malloc": malloc_mode(),
     }
 

@@ -6,12 +6,12 @@ its mmap threshold (at most 32 MB, adjusted on the fly) with a fresh
 the heap when its free top grows past the trim threshold. A training step
 allocates and frees the same large activations and gradients every time, so
 each step faults every page of them in again: a Prototypical Networks
-episode on Conv-4 (360 Omniglot images) takes 65,000 to 84,000 page faults
+episode on Conv-4 (360 Omniglot images) takes 65,000 to 93,000 page faults
 per step and about 40% of its time goes to them (``benchmarks/protonet_speed.py``
 measures it). Raising both thresholds keeps freed blocks for reuse: no
-faults after the first steps, for a peak resident size about 15% higher
-(907 against 785 MB there), which then stays allocated until the process
-ends.
+faults after the first steps, for a peak resident size 15 to 30% higher
+(907 against 785 MB, 911 against 702, in two runs there), which then stays
+allocated until the process ends.
 
 glibc reads these settings (``GLIBC_TUNABLES``) only when a process starts;
 setting them with ``mallopt`` from the running process measured no better,
