@@ -33,7 +33,9 @@ mem_ratio_so, ...).
 
 What each idea gave (tasks/s at these settings, three full runs of this script
 with ``--ablation`` on 2 cores of an AMD EPYC (Zen 4) VM that other jobs
-shared, so figures move by +-15% between runs; ratios within a run hold better):
+shared, so figures move by +-15% between runs; ratios within a run hold better;
+a fourth run on a later day added the Winograd row and moved grouped conv to 49
+against 71 for the default path):
 
 | configuration                                        | 2nd order | 1st order |
 |------------------------------------------------------|-----------|-----------|
@@ -42,9 +44,10 @@ shared, so figures move by +-15% between runs; ratios within a run hold better):
 | vmap + fused Conv-4 forward, whole meta-batch        | 77-82     | 137-154   |
 | vmap + fused forward + chunks (the default path)     | 64-77     | 110-134   |
 | loop path with the fused forward (for reference)     | 34-38     | 67-78     |
-| hand-batched grouped conv (groups=T), no vmap        | 24-29     | 86-96     |
+| hand-batched grouped conv (groups=T), no vmap        | 24-49     | 86-96     |
 | fused, first layer as 4x4 super-patches + amax       | 59        | 106       |
 | forward-over-reverse meta-gradient (jvp of grad)     | 55        |           |
+| Winograd F(2x2, 3x3) convolutions in layers 2-4      | 40        |           |
 
 Peak RSS (base ~297 MB): loop 355 / 338-339 MB (SO / FO); default vmap path
 562-574 / 467-474 MB; vmap with the whole meta-batch at once 765 / 603 MB; naive vmap
@@ -88,6 +91,14 @@ Peak RSS (base ~297 MB): loop 355 / 338-339 MB (SO / FO); default vmap path
   forward-mode formulas of the convolution and batch-norm backward are no
   cheaper: 55 against 79 tasks/s in the same run, so the default stays
   reverse over reverse.
+* Rejected: Winograd's F(2x2, 3x3) convolution for the three 64-channel
+  layers (``make_winograd_step``, timed with ``--ablation``): 16
+  multiplications per 2x2 output tile and channel pair instead of 36, every
+  transform a matrix product, so the meta-gradient stays exact (2.7e-15
+  relative to the loop path in float64, with all three layers so replaced).
+  The transforms' tile copies and permutes cost more than the
+  multiplications save: 40 against 71 tasks/s in the same run (one layer
+  alone, the 14x14 one, 55 against 70 in a first prototype).
 * Rejected: ``torch.compile`` (inductor, with the system C++ compiler) of the
   fused second-order meta-loss, the whole meta-batch under ``vmap``, timed
   alone in one process against the same function eager. Compiled with the
@@ -147,7 +158,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -157,6 +168,7 @@ from fewshot.allocator import malloc_mode, tune_malloc
 from fewshot.data.episodes import EpisodeBatch
 from fewshot.methods.maml import MAML
 from fewshot.models.backbones import Classifier, Conv4
+from fewshot.models.norm import conv_batch_norm_folded, task_batch_norm
 
 TASKS, WAYS, SHOTS, QUERIES, SIZE = 32, 5, 1, 1, 28
 INNER_LR = 0.4
@@ -295,6 +307,73 @@ def make_forward_hvp_step(batch: EpisodeBatch) -> Callable[[], None]:
     return step
 
 
+def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.conv2d(x, weight, bias, padding=1)`` for 3x3 kernels by Winograd's F(2x2, 3x3).
+
+    Each 2x2 output tile from a 4x4 input tile with 16 multiplications per
+    channel pair instead of 36: the input and kernel transforms (B^T d B,
+    G g G^T) and the output transform (A^T m A) as products with their
+    Kronecker matrices, the 16 transformed products as one batched matrix
+    product. Every step is linear, so autograd and vmap differentiate it to
+    any order with matrix products only.
+    """
+    b_t = torch.tensor([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], dtype=x.dtype)
+    g = torch.tensor([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], dtype=x.dtype)
+    a_t = torch.tensor([[1, 1, 1, 0], [0, 1, -1, -1]], dtype=x.dtype)
+    n, c, h, w = x.shape
+    out_c = weight.shape[0]
+    th, tw = (h + 1) // 2, (w + 1) // 2
+    padded = F.pad(x, (1, 1 + 2 * tw - w, 1, 1 + 2 * th - h))
+    tiles = F.unfold(padded, 4, stride=2).view(n, c, 16, th * tw)
+    v = torch.matmul(torch.kron(b_t, b_t), tiles).permute(2, 1, 0, 3).reshape(16, c, -1)
+    u = torch.kron(g, g) @ weight.reshape(out_c, c, 9).permute(2, 0, 1).reshape(9, -1)
+    m = torch.bmm(u.view(16, out_c, c), v)  # (16, C_out, tiles)
+    y = (torch.kron(a_t, a_t) @ m.view(16, -1)).view(2, 2, out_c, n, th, tw)
+    y = y.permute(3, 2, 4, 0, 5, 1).reshape(n, out_c, 2 * th, 2 * tw)[:, :, :h, :w]
+    return y if bias is None else y + bias[:, None, None]
+
+
+def make_winograd_step(batch: EpisodeBatch) -> Callable[[], None]:
+    """A rejected idea, for the record: layers 2-4 as Winograd F(2x2, 3x3) convolutions.
+
+    The default path's fused forward with ``F.conv2d`` in blocks 1-3
+    replaced by ``winograd_conv3x3`` (2.25x fewer multiplications in the
+    transformed products), under the same vmap, chunks and second-order
+    meta-gradient. Checked here against ``F.conv2d`` in float64 first.
+    """
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 8, 7, 7, generator=gen, dtype=torch.float64)
+    w = torch.randn(5, 8, 3, 3, generator=gen, dtype=torch.float64)
+    b = torch.randn(5, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(winograd_conv3x3(x, w, b), F.conv2d(x, w, b, padding=1))
+    torch.manual_seed(0)
+    model = Classifier(Conv4(1, 64, 4, track_running_stats=False), 64, WAYS)
+    method = MAML(model, inner_lr=INNER_LR)
+    optimiser = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def forward(p: Mapping[str, torch.Tensor], x: torch.Tensor, rows: int | None) -> torch.Tensor:
+        h = x
+        for i in range(4):
+            name = f"backbone.blocks.{i}"
+            w, bias, gamma, beta = (p[f"{name}.{k}"] for k in ("0.weight", "0.bias", "1.weight", "1.bias"))
+            if i == 0:
+                h = conv_batch_norm_folded(h, w, bias, gamma, beta, rows=rows)
+            else:
+                h = task_batch_norm(winograd_conv3x3(h, w, bias), gamma, beta, rows=rows)
+            h = F.relu(F.max_pool2d(h, 2))
+        return F.linear(h.flatten(1), p["head.weight"], p["head.bias"])
+
+    method._forward_vec = forward
+
+    def step() -> None:
+        optimiser.zero_grad()
+        loss, _ = method.loss(batch)
+        loss.backward()
+        optimiser.step()
+
+    return step
+
+
 def time_round_robin(steps: dict[str, Callable[[], None]], rounds: int) -> dict[str, float]:
     """Median tasks/s per configuration, timing one step of each in turn."""
     for step in steps.values():
@@ -358,7 +437,7 @@ def main() -> None:
     parser.add_argument(
         "--ablation",
         action="store_true",
-        help="also time the rejected hand-written variants (grouped conv, forward over reverse)",
+        help="also time the rejected hand-written variants (grouped conv, forward over reverse, Winograd)",
     )
     parser.add_argument("--measure-memory", metavar="NAME", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -378,6 +457,7 @@ def main() -> None:
         steps["grouped-so"] = make_grouped_step(False, batch)
         steps["grouped-fo"] = make_grouped_step(True, batch)
         steps["forward-hvp-so"] = make_forward_hvp_step(batch)
+        steps["winograd-so"] = make_winograd_step(batch)
     print(
         f"MAML, Conv-4 64 filters, {WAYS}-way {SHOTS}-shot {QUERIES}-query 28x28x1, "
         f"meta-batch {TASKS}, 1 inner step, lr {INNER_LR}, Adam, 2 threads, {args.rounds} rounds"
