@@ -166,6 +166,7 @@ from torch.func import grad, jvp, vmap
 
 from fewshot.allocator import malloc_mode, tune_malloc
 from fewshot.data.episodes import EpisodeBatch
+from fewshot.methods.inner_loop import TaskForward
 from fewshot.methods.maml import MAML
 from fewshot.models.backbones import Classifier, Conv4
 from fewshot.models.norm import conv_batch_norm_folded, task_batch_norm
@@ -201,11 +202,15 @@ def make_batch(seed: int = 0) -> EpisodeBatch:
     )
 
 
-def make_step(config: dict[str, object], batch: EpisodeBatch) -> Callable[[], None]:
-    """One meta-training step (loss, backward, Adam) of a fresh MAML."""
+def make_step(
+    config: dict[str, object], batch: EpisodeBatch, forward_vec: TaskForward | None = None
+) -> Callable[[], None]:
+    """One meta-training step (loss, backward, Adam) of a fresh MAML (``forward_vec``: its vmap forward)."""
     torch.manual_seed(0)
     model = Classifier(Conv4(1, 64, 4, track_running_stats=False), 64, WAYS)
     method = MAML(model, inner_lr=INNER_LR, **config)
+    if forward_vec is not None:
+        method._forward_vec = forward_vec
     optimiser = torch.optim.Adam(method.parameters(), lr=1e-3)
 
     def step() -> None:
@@ -346,10 +351,6 @@ def make_winograd_step(batch: EpisodeBatch) -> Callable[[], None]:
     w = torch.randn(5, 8, 3, 3, generator=gen, dtype=torch.float64)
     b = torch.randn(5, generator=gen, dtype=torch.float64)
     torch.testing.assert_close(winograd_conv3x3(x, w, b), F.conv2d(x, w, b, padding=1))
-    torch.manual_seed(0)
-    model = Classifier(Conv4(1, 64, 4, track_running_stats=False), 64, WAYS)
-    method = MAML(model, inner_lr=INNER_LR)
-    optimiser = torch.optim.Adam(model.parameters(), lr=1e-3)
 
     def forward(p: Mapping[str, torch.Tensor], x: torch.Tensor, rows: int | None) -> torch.Tensor:
         h = x
@@ -363,15 +364,7 @@ def make_winograd_step(batch: EpisodeBatch) -> Callable[[], None]:
             h = F.relu(F.max_pool2d(h, 2))
         return F.linear(h.flatten(1), p["head.weight"], p["head.bias"])
 
-    method._forward_vec = forward
-
-    def step() -> None:
-        optimiser.zero_grad()
-        loss, _ = method.loss(batch)
-        loss.backward()
-        optimiser.step()
-
-    return step
+    return make_step(CONFIGS["vmap-so"], batch, forward_vec=forward)
 
 
 def time_round_robin(steps: dict[str, Callable[[], None]], rounds: int) -> dict[str, float]:
