@@ -1,6 +1,6 @@
 """Plot time-to-accuracy curves from recorded rows, without rerunning anything.
 
-    python benchmarks/plot_curves.py docs/results/maml-omniglot-5w1s/row.json \
+    python benchmarks/plot_curves.py docs/experiments/maml-omniglot-5w1s-7500/row.json \
         docs/experiments/maml-omniglot-5w1s-cosine/row.json \
         --target 13:94.9 --target 60:97 --out docs/time_to_accuracy_maml.png
 
