@@ -35,10 +35,10 @@ WAYS = 3
 IMAGE = (1, 8, 8)
 
 
-def tiny_classifier(seed: int = 0, hidden: int = 4, depth: int = 2) -> Classifier:
+def tiny_classifier(seed: int = 0, hidden: int = 4, depth: int = 2, pool: str = "max") -> Classifier:
     """Conv-4 style net with BatchNorm on 8x8 images, float64."""
     torch.manual_seed(seed)
-    backbone = Conv4(1, hidden, depth, track_running_stats=False)
+    backbone = Conv4(1, hidden, depth, track_running_stats=False, pool=pool)
     model = Classifier(backbone, backbone.out_features(IMAGE), WAYS).double()
     with torch.no_grad():  # non-trivial affine parameters, so their gradients matter
         for module in model.modules():
@@ -110,6 +110,33 @@ def test_maml_matches_stock_pytorch_reference(first_order: bool, path: str) -> N
     loss, grad = meta_grads(method, tiny_batch())
     assert loss == pytest.approx(ref_loss, rel=1e-10)
     assert rel_err(grad, ref_grad) < 1e-8
+
+
+@pytest.mark.parametrize("path", ["vmap", "loop"])
+def test_strided_conv4_maml_matches_reference_and_finite_differences(path: str) -> None:
+    """Finn et al.'s Omniglot network (stride-2 convs, spatial mean) is exact on both paths."""
+    model = tiny_classifier(depth=3, pool="stride")
+    batch = tiny_batch(tasks=2)
+    ref_loss, ref_grad = reference_maml(copy.deepcopy(model), batch, 0.3, 2, False)
+    method = MAML(model, inner_lr=0.3, inner_steps=2, path=path)
+    loss, grad = meta_grads(method, batch)
+    assert loss == pytest.approx(ref_loss, rel=1e-10)
+    assert rel_err(grad, ref_grad) < 1e-8
+    params = list(method.parameters())
+    gen = torch.Generator().manual_seed(3)
+    direction = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]
+    eps = 1e-6
+    with torch.no_grad():
+        values = []
+        for sign in (1, -2):
+            for p, d in zip(params, direction, strict=True):
+                p.add_(sign * eps * d)
+            values.append(float(method.loss(batch)[0]))
+        for p, d in zip(params, direction, strict=True):
+            p.add_(eps * d)
+    numeric = (values[0] - values[1]) / (2 * eps)
+    analytic = float(grad @ torch.cat([d.flatten() for d in direction]))
+    assert analytic == pytest.approx(numeric, rel=1e-6, abs=1e-9)
 
 
 def test_first_order_differs_from_second_order() -> None:

@@ -50,7 +50,9 @@ class MethodConfig(Section):
     name: Literal["maml", "fomaml", "metasgd", "anil", "reptile", "protonet", "matching", "relation"] = (
         "protonet"
     )
-    backbone: Literal["conv4", "conv4-32", "resnet12", "mlp"] = "conv4"
+    # conv4-strided: stride-2 convolutions instead of max-pooling, features averaged over
+    # space, as Finn et al.'s MAML code builds its Omniglot network
+    backbone: Literal["conv4", "conv4-32", "conv4-strided", "resnet12", "mlp"] = "conv4"
     # gradient-based methods
     inner_lr: float = Field(0.4, gt=0)
     inner_steps: int = Field(1, ge=0)

@@ -18,15 +18,18 @@ def build_backbone(
     name: str, input_shape: tuple[int, ...], track_running_stats: bool = True
 ) -> tuple[nn.Module, int]:
     """A backbone and its feature size for inputs of ``input_shape``."""
-    if name in ("conv4", "conv4-32"):
+    if name in ("conv4", "conv4-32", "conv4-strided"):
         net = Conv4(
-            input_shape[0], hidden=32 if name == "conv4-32" else 64, track_running_stats=track_running_stats
+            input_shape[0],
+            hidden=32 if name == "conv4-32" else 64,
+            track_running_stats=track_running_stats,
+            pool="stride" if name == "conv4-strided" else "max",
         )
         return net, net.out_features(input_shape)  # type: ignore[arg-type]
     if name == "resnet12":
         net = ResNet12(input_shape[0], track_running_stats=track_running_stats)
         return net, net.out_features(input_shape)  # type: ignore[arg-type]
-    raise ValueError(f"backbone {name!r} cannot embed images; use conv4, conv4-32 or resnet12")
+    raise ValueError(f"backbone {name!r} cannot embed images; use conv4, conv4-32, conv4-strided or resnet12")
 
 
 def build_method(config: Config, input_shape: tuple[int, ...]) -> Method:
