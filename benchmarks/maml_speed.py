@@ -139,11 +139,13 @@ averaged over space) is timed too, as ``strided-vmap-so`` and
 ``strided-loop-so`` with the JSON keys ``strided_so_tasks_per_s``,
 ``strided_loop_so_tasks_per_s`` and ``strided_ratio_so``. It is not the
 issue's Conv-4, so its figures stand beside the main ones and never replace
-them: 140.5 against 44.0 tasks/s (3.19x) in a run whose main figures were
-66.1 against 29.3 (2.25x). With a quarter of the convolution outputs and no
-pooling derivatives, the vectorised path's batching pays off in full; but
-that network trains worse on Omniglot here (docs/results.md, *MAML: the
-reference code's Omniglot network*), so the presets keep max-pooling.
+them. Three runs on one day: 140.5 against 44.0 tasks/s (3.19x; main
+figures 66.1 against 29.3, 2.25x), 132.3 against 51.5 (2.57x, ``--rounds
+3``; main 2.14x) and 127.2 against 51.0 (2.50x; main 2.52x). About twice
+the main path's speed, but its ratio to its own loop is no steadier and
+not reliably 3x either; and that network trains worse on Omniglot here
+(docs/results.md, *MAML: the reference code's Omniglot network*), so the
+presets keep max-pooling.
 
 malloc: the script runs with the ``fewshot`` command's settings, which keep
 freed memory (``fewshot/allocator.py``); they gain Prototypical Networks'
@@ -501,19 +503,15 @@ def main() -> None:
         "mem_ratio_fo": round(memory["vmap-fo"]["peak_mb"] / memory["loop-fo"]["peak_mb"], 3),
         "peak_mb": {name: round(mem["peak_mb"]) for name, mem in memory.items()},
         "ablation_tasks_per_s": {k: round(v, 2) for k, v in speed.items() if k not in CONFIGS},
-        **(
-            {}
-            if args.quick
-            else {
-                "strided_so_tasks_per_s": round(speed["strided-vmap-so"], 2),
-                "strided_loop_so_tasks_per_s": round(speed["strided-loop-so"], 2),
-                "strided_ratio_so": round(speed["strided-vmap-so"] / speed["strided-loop-so"], 3),
-            }
-        ),
         "rounds": args.rounds,
         "malloc": malloc_mode(),
         "torch": torch.__version__,
     }
+    if "strided-vmap-so" in speed:  # not timed with --quick
+        strided, strided_loop = speed["strided-vmap-so"], speed["strided-loop-so"]
+        result["strided_so_tasks_per_s"] = round(strided, 2)
+        result["strided_loop_so_tasks_per_s"] = round(strided_loop, 2)
+        result["strided_ratio_so"] = round(strided / strided_loop, 3)
     print(json.dumps(result))
 
 

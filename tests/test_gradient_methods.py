@@ -28,14 +28,14 @@ from fewshot.data.episodes import EpisodeBatch
 from fewshot.methods.maml import ANIL, MAML
 from fewshot.methods.metasgd import MetaSGD
 from fewshot.methods.reptile import Reptile
-from fewshot.models.backbones import MLP, Classifier, Conv4
+from fewshot.models.backbones import MLP, Classifier, Conv4, Pool
 from fewshot.models.norm import TaskBatchNorm, statistics_from
 
 WAYS = 3
 IMAGE = (1, 8, 8)
 
 
-def tiny_classifier(seed: int = 0, hidden: int = 4, depth: int = 2, pool: str = "max") -> Classifier:
+def tiny_classifier(seed: int = 0, hidden: int = 4, depth: int = 2, pool: Pool = "max") -> Classifier:
     """Conv-4 style net with BatchNorm on 8x8 images, float64."""
     torch.manual_seed(seed)
     backbone = Conv4(1, hidden, depth, track_running_stats=False, pool=pool)
@@ -103,7 +103,7 @@ def reference_maml(
 @pytest.mark.parametrize("pool", ["max", "stride"])
 @pytest.mark.parametrize("first_order", [False, True])
 @pytest.mark.parametrize("path", ["vmap", "loop"])
-def test_maml_matches_stock_pytorch_reference(first_order: bool, path: str, pool: str) -> None:
+def test_maml_matches_stock_pytorch_reference(first_order: bool, path: str, pool: Pool) -> None:
     """Both paths equal a plain loop over tasks with nn.BatchNorm2d (transductive), either Conv-4."""
     model = tiny_classifier(pool=pool)
     ref_loss, ref_grad = reference_maml(copy.deepcopy(model), tiny_batch(), 0.3, 2, first_order)
@@ -122,7 +122,7 @@ def test_first_order_differs_from_second_order() -> None:
 
 
 @pytest.mark.parametrize("pool", ["max", "stride"])
-def test_second_order_meta_gradient_matches_finite_differences(pool: str) -> None:
+def test_second_order_meta_gradient_matches_finite_differences(pool: Pool) -> None:
     """Directional derivatives of the meta-loss equal central finite differences, either Conv-4."""
     method = MAML(
         tiny_classifier(pool=pool), inner_lr=0.3, inner_steps=2, batchnorm="non-transductive", path="vmap"
