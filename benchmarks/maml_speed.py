@@ -132,6 +132,20 @@ Peak RSS (base ~297 MB): loop 355 / 338-339 MB (SO / FO); default vmap path
   for the vectorised path, the loop 37.1 against 33.8, in back-to-back runs
   of the two) and ``torch.backends.mkldnn.enabled = False`` (34.0 and 22.6:
   PyTorch's own convolutions are far slower than oneDNN's here).
+* Rejected: the first layer's max-pool taken inside its folded matrix
+  product: the four positions of every 2x2 window as four row blocks of
+  the product, so the 28x28x64 output is never formed, and the maximum as
+  three element-wise steps ``a + relu(b - a)`` (the first maximum wins a
+  tie, as in ``max_pool2d``), whose derivatives of every order are
+  element-wise. Exact (1e-15 relative in float64 against the default
+  path), and a profile of the step lost max-pooling's zero-filled
+  scatters, but the time did not follow: 66.8 against 65.9 tasks/s at
+  second order and 122.7 against 123.2 at first order (medians of 41
+  interleaved rounds, two threads, four shorter runs between -8% and +12%;
+  +15% with one thread beside a training run). ``torch.maximum`` in place
+  of ``a + relu(b - a)`` was slower (16 against 20 tasks/s, one thread
+  beside the same run: its backward's ``masked_fill_`` took 9.5 ms a call
+  under vmap), and ``torch.where`` too (45 against 55, two threads).
 
 Finn et al.'s own Omniglot network (``Conv4(pool="stride")``, the
 ``conv4-strided`` backbone: stride-2 convolutions, no max-pooling, features
