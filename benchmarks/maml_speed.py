@@ -141,7 +141,8 @@ Peak RSS (base ~297 MB): loop 355 / 338-339 MB (SO / FO); default vmap path
   path), and a profile of the step lost max-pooling's zero-filled
   scatters, but the time did not follow: 66.8 against 65.9 tasks/s at
   second order and 122.7 against 123.2 at first order (medians of 41
-  interleaved rounds, two threads, four shorter runs between -8% and +12%;
+  interleaved rounds, two threads, on the Intel Xeon host the VM had moved
+  to; four shorter runs between -8% and +12%;
   +15% with one thread beside a training run). ``torch.maximum`` in place
   of ``a + relu(b - a)`` was slower (16 against 20 tasks/s, one thread
   beside the same run: its backward's ``masked_fill_`` took 9.5 ms a call
@@ -153,7 +154,7 @@ averaged over space) is timed too, as ``strided-vmap-so`` and
 ``strided-loop-so`` with the JSON keys ``strided_so_tasks_per_s``,
 ``strided_loop_so_tasks_per_s`` and ``strided_ratio_so``. It is not the
 issue's Conv-4, so its figures stand beside the main ones and never replace
-them. Three runs on one day: 140.5 against 44.0 tasks/s (3.19x; main
+them. Three runs on one day (on an Intel Xeon host): 140.5 against 44.0 tasks/s (3.19x; main
 figures 66.1 against 29.3, 2.25x), 132.3 against 51.5 (2.57x, ``--rounds
 3``; main 2.14x) and 127.2 against 51.0 (2.50x; main 2.52x). About twice
 the main path's speed, but its ratio to its own loop is no steadier and

@@ -53,11 +53,27 @@ from fewshot.engine.train import Interrupted, RunMismatch, train
 from fewshot.errors import FewShotError
 
 
+def cpu_model() -> str:
+    """The processor's name (Linux: /proc/cpuinfo).
+
+    A VM can move to another host CPU between runs; that changes the speed
+    and the floating-point kernels, so a rerun there trains other weights.
+    """
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
 def machine() -> str:
     threads = torch.get_num_threads()
     return (
-        f"{threads} thread{'s' * (threads != 1)}, {platform.machine()}, torch {torch.__version__}, "
-        f"malloc {malloc_mode()}"
+        f"{threads} thread{'s' * (threads != 1)}, {cpu_model()} ({platform.machine()}), "
+        f"torch {torch.__version__}, malloc {malloc_mode()}"
     )
 
 
