@@ -154,9 +154,10 @@ averaged over space) is timed too, as ``strided-vmap-so`` and
 ``strided-loop-so`` with the JSON keys ``strided_so_tasks_per_s``,
 ``strided_loop_so_tasks_per_s`` and ``strided_ratio_so``. It is not the
 issue's Conv-4, so its figures stand beside the main ones and never replace
-them. Three runs on one day (on an Intel Xeon host): 140.5 against 44.0 tasks/s (3.19x; main
-figures 66.1 against 29.3, 2.25x), 132.3 against 51.5 (2.57x, ``--rounds
-3``; main 2.14x) and 127.2 against 51.0 (2.50x; main 2.52x). About twice
+them. Three runs on one day (on an Intel Xeon host): 140.5 against 44.0
+tasks/s (3.19x; main figures 66.1 against 29.3, 2.25x), 132.3 against
+51.5 (2.57x, ``--rounds 3``; main 2.14x) and 127.2 against 51.0 (2.50x;
+main 2.52x). About twice
 the main path's speed, but its ratio to its own loop is no steadier and
 not reliably 3x either; and that network trains worse on Omniglot here
 (docs/results.md, *MAML: the reference code's Omniglot network*), so the
