@@ -7,29 +7,33 @@ from torch import nn
 
 from fewshot.config import GRADIENT_METHODS, Config
 from fewshot.methods.base import Method
-from fewshot.models.backbones import MLP, Classifier, Conv4
+from fewshot.models.backbones import MLP, Classifier, Conv4, Pool
 from fewshot.models.resnet import ResNet12
 
 GRADIENT = GRADIENT_METHODS
 METRIC = ("protonet", "matching", "relation")
 
 
+CONV4_BACKBONES: dict[str, tuple[int, Pool]] = {
+    "conv4": (64, "max"),
+    "conv4-32": (32, "max"),
+    "conv4-strided": (64, "stride"),  # Finn et al.'s Omniglot network
+}
+"""Conv-4 backbone names: (filters, how each stage halves the image)."""
+
+
 def build_backbone(
     name: str, input_shape: tuple[int, ...], track_running_stats: bool = True
 ) -> tuple[nn.Module, int]:
     """A backbone and its feature size for inputs of ``input_shape``."""
-    if name in ("conv4", "conv4-32", "conv4-strided"):
-        net = Conv4(
-            input_shape[0],
-            hidden=32 if name == "conv4-32" else 64,
-            track_running_stats=track_running_stats,
-            pool="stride" if name == "conv4-strided" else "max",
-        )
+    if name in CONV4_BACKBONES:
+        hidden, pool = CONV4_BACKBONES[name]
+        net = Conv4(input_shape[0], hidden=hidden, track_running_stats=track_running_stats, pool=pool)
         return net, net.out_features(input_shape)  # type: ignore[arg-type]
     if name == "resnet12":
         net = ResNet12(input_shape[0], track_running_stats=track_running_stats)
         return net, net.out_features(input_shape)  # type: ignore[arg-type]
-    raise ValueError(f"backbone {name!r} cannot embed images; use conv4, conv4-32, conv4-strided or resnet12")
+    raise ValueError(f"backbone {name!r} cannot embed images; use {', '.join(CONV4_BACKBONES)} or resnet12")
 
 
 def build_method(config: Config, input_shape: tuple[int, ...]) -> Method:
