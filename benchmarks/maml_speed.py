@@ -147,6 +147,38 @@ Peak RSS (base ~297 MB): loop 355 / 338-339 MB (SO / FO); default vmap path
   of ``a + relu(b - a)`` was slower (16 against 20 tasks/s, one thread
   beside the same run: its backward's ``masked_fill_`` took 9.5 ms a call
   under vmap), and ``torch.where`` too (45 against 55, two threads).
+* Rejected, on the Intel host (per-round speed ratios against the default
+  path, medians of 15 to 25 interleaved rounds, two threads): uniform
+  channels-last activations. The default path's tensors come in three
+  physical layouts (channels-last from the folded first layer and from the
+  convolutions with the shared initial weights; NCHW, images before tasks,
+  from vmap's grouped convolutions with per-task weights), so element-wise
+  ops mix strides, and the query pass pools NCHW tensors, for which this
+  torch build's ``max_pool2d_with_indices`` is 10 to 19 times slower than
+  for channels-last ones (4.8 against 0.46 ms at 80x64x14x14). Copying
+  every convolution output of layers 2-4 to channels-last (``permute``,
+  ``contiguous``, ``permute``, which vmap accepts where ``memory_format``
+  queries are not implemented) gave 1.03x at second order (per round 0.83
+  to 1.14), 1.03x at first order, 0.99x for Reptile's 5-way 1-shot preset
+  and for MAML's 20-way 1-shot preset (five inner steps): not kept. (The
+  module forward, which the metric methods use, gains 1.5x from
+  channels-last weights, which ``build_method`` gives them: it pools at
+  full resolution, where the fused forward pools channels-last already.)
+* Rejected: a custom ``torch.autograd.Function`` for the 3x3 convolutions
+  of layers 2-4. PyTorch's double backward of a convolution computes the
+  term "weight gradient of the data gradient" as a forward convolution of
+  the transposed tensors with a 14x14 kernel (16.6 ms a call at layer 2 in
+  the step, against 5.3 ms for oneDNN's backward-weights primitive on the
+  same numbers). A Function whose backward is written with primal ops
+  (``conv_transpose2d`` for the data gradient, ``convolution_backward``
+  with only the weight output for the weight gradient;
+  ``generate_vmap_rule``) removes that call and is exact (1.7e-15 relative
+  to the loop path in float64), but measured 0.97x: the Python backward
+  under vmap and grad costs what the kernel saves.
+* Not pursued: oneDNN's bf16 arithmetic for float32 convolutions
+  (``torch.backends.mkldnn.conv.fp32_precision = "bf16"``, AMX on the Intel
+  host): 1.2 to 1.3x on a layer-2 convolution's forward and backward, for
+  8-bit mantissas in every meta-gradient.
 
 Finn et al.'s own Omniglot network (``Conv4(pool="stride")``, the
 ``conv4-strided`` backbone: stride-2 convolutions, no max-pooling, features
