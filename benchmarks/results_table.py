@@ -29,6 +29,9 @@ def command(row: dict) -> str:
     for override in row.get("overrides", []):
         if not override.startswith(("train.steps=", "train.keep_every=")):  # in the row already, or no effect
             cmd += f" --set {override}"
+    # Settings the preset changed after the row was trained: restated, so the command still trains it.
+    for override in row.get("preset_changed", []):
+        cmd += f" --set {override}"
     return f"`{cmd}`"
 
 

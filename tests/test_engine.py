@@ -368,6 +368,26 @@ def test_reptile_inner_settings_reach_reptile_only():
         load_config("reptile-omniglot-5w1s", ["method.inner_batch=0"])
 
 
+def test_batchnorm_adaptation_setting_reaches_the_method():
+    from fewshot.methods.registry import build_method
+
+    for preset in (
+        "maml-omniglot-5w1s",
+        "fomaml-omniglot-5w1s",
+        "metasgd-omniglot-5w1s",
+        "reptile-omniglot-5w1s",
+    ):
+        every = build_method(load_config(preset, ["method.adapt_batchnorm=true"]), (1, 28, 28))
+        fixed = build_method(load_config(preset, ["method.adapt_batchnorm=false"]), (1, 28, 28))
+        assert len(fixed._adapt_names()) == len(every._adapt_names()) - 8, preset  # 4 x (weight, bias)
+        assert fixed.describe()["adapt_batchnorm"] is False and every.describe()["adapt_batchnorm"] is True
+        # The first-order presets leave batch norm out of the inner loop; the others adapt it.
+        preset_value = build_method(load_config(preset), (1, 28, 28)).describe()["adapt_batchnorm"]
+        assert preset_value is (not preset.startswith("fomaml")), preset
+    with pytest.raises(ConfigError, match="adapt_batchnorm"):
+        load_config("protonet-omniglot-5w1s", ["method.adapt_batchnorm=false"])
+
+
 def test_unknown_preset_through_the_cli(capsys):
     assert main(["train", "protonet-omniglot-5w1"]) == 2
     err = capsys.readouterr().err

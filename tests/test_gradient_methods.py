@@ -75,22 +75,31 @@ def reference_maml(
     lr: float,
     steps: int,
     first_order: bool,
+    adapt_batchnorm: bool = True,
 ) -> tuple[float, torch.Tensor]:
     """MAML in its plainest form: stock BatchNorm (batch statistics), one task at a time.
 
-    ``first_order`` detaches the inner gradients after computing them with a graph.
+    ``first_order`` detaches the inner gradients after computing them with a graph;
+    ``adapt_batchnorm=False`` steps on every parameter but the BatchNorm ones.
     """
     params = dict(model.named_parameters())
+    norms = {
+        f"{m}.{n}"
+        for m, mod in model.named_modules()
+        if isinstance(mod, nn.BatchNorm2d)
+        for n in ("weight", "bias")
+    }
+    inner = [k for k in params if adapt_batchnorm or k not in norms]
     total = torch.zeros((), dtype=torch.float64)
     for episode in batch:
         fast = dict(params)
         for _ in range(steps):
             out = functional_call(model, fast, (episode.support,))
             loss = F.cross_entropy(out, episode.support_labels)
-            grads = torch.autograd.grad(loss, list(fast.values()), create_graph=True)
+            grads = torch.autograd.grad(loss, [fast[k] for k in inner], create_graph=True)
             if first_order:
                 grads = [g.detach() for g in grads]
-            fast = {k: v - lr * g for (k, v), g in zip(fast.items(), grads, strict=True)}
+            fast = {**fast, **{k: fast[k] - lr * g for k, g in zip(inner, grads, strict=True)}}
         out = functional_call(model, fast, (episode.query,))
         total = total + F.cross_entropy(out, episode.query_labels) / batch.tasks
     grads = torch.autograd.grad(total, list(params.values()))
@@ -111,6 +120,40 @@ def test_maml_matches_stock_pytorch_reference(first_order: bool, path: str, pool
     loss, grad = meta_grads(method, tiny_batch())
     assert loss == pytest.approx(ref_loss, rel=1e-10)
     assert rel_err(grad, ref_grad) < 1e-8
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+@pytest.mark.parametrize("path", ["vmap", "loop"])
+def test_maml_without_batchnorm_adaptation_matches_reference(first_order: bool, path: str) -> None:
+    """adapt_batchnorm=False: the inner loop skips the BatchNorm parameters, which are still meta-learned."""
+    model = tiny_classifier()
+    ref_loss, ref_grad = reference_maml(copy.deepcopy(model), tiny_batch(), 0.3, 2, first_order, False)
+    method = MAML(
+        model, inner_lr=0.3, inner_steps=2, first_order=first_order, path=path, adapt_batchnorm=False
+    )
+    loss, grad = meta_grads(method, tiny_batch())
+    assert loss == pytest.approx(ref_loss, rel=1e-10)
+    assert rel_err(grad, ref_grad) < 1e-8
+    _, adapting_all = meta_grads(
+        MAML(tiny_classifier(), inner_lr=0.3, inner_steps=2, first_order=first_order), tiny_batch()
+    )
+    assert rel_err(grad, adapting_all) > 1e-3  # the option changes the meta-gradient
+    norms = [p for m in method.model.modules() if isinstance(m, TaskBatchNorm) for p in m.parameters()]
+    assert len(norms) == 4 and all(p.grad.abs().max() > 0 for p in norms)
+    episode = tiny_batch()[0]
+    adapted = method.adapt(episode.support, episode.support_labels).params
+    for name, value in method.model.named_parameters():
+        same = torch.equal(adapted[name], value.detach())
+        if name.endswith((".1.weight", ".1.bias")):  # blocks.i.1 is block i's batch norm
+            assert same, name
+        elif not name.endswith(".0.bias"):  # conv biases feeding batch norm get zero gradients
+            assert not same, name
+    assert method.describe()["adapt_batchnorm"] is False
+
+
+def test_nothing_to_adapt_raises() -> None:
+    with pytest.raises(ValueError, match="no parameter to adapt"):
+        MAML(nn.Sequential(nn.BatchNorm1d(3)), adapt_batchnorm=False, task="regression")
 
 
 def test_first_order_differs_from_second_order() -> None:
@@ -151,6 +194,7 @@ def test_second_order_meta_gradient_matches_finite_differences(pool: Pool) -> No
 METHODS = {
     "maml": lambda m, **kw: MAML(m, inner_lr=0.3, **kw),
     "maml-per-step-lr": lambda m, **kw: MAML(m, inner_lr=[0.3, 0.2, 0.1], per_step_lr=True, **kw),
+    "maml-fixed-batchnorm": lambda m, **kw: MAML(m, inner_lr=0.3, adapt_batchnorm=False, **kw),
     "metasgd": lambda m, **kw: MetaSGD(m, inner_lr=0.3, **kw),
     "anil": lambda m, **kw: ANIL(m, inner_lr=0.3, **kw),
 }

@@ -60,6 +60,9 @@ class MethodConfig(Section):
     first_order: bool = False
     per_step_lr: bool = False
     batchnorm: Literal["transductive", "non-transductive"] = "transductive"
+    # inner steps on the batch-norm weights and offsets too; false: meta-learned only, as in
+    # Finn et al.'s code (Reptile then never moves them: its outer step follows the inner loop)
+    adapt_batchnorm: bool = True
     # reptile: minibatch size and optimiser of the inner steps (None: the whole support set),
     # and the minibatch size when adapting for evaluation
     inner_batch: int | None = Field(None, ge=1)
@@ -159,6 +162,11 @@ class Config(Section):
                 "method.inner_batch, method.inner_batch_test and method.inner_optimizer are Reptile's "
                 f"settings; {m.name} takes full-batch SGD inner steps. Remove them, or set "
                 "method.name=reptile."
+            )
+        if not m.adapt_batchnorm and m.name not in GRADIENT_METHODS:
+            raise ValueError(
+                f"method.adapt_batchnorm=false changes the inner loop of gradient-based methods; "
+                f"{m.name} has none. Remove it."
             )
         if self.task == "sinusoid" and self.method.name not in GRADIENT_METHODS:
             raise ValueError(f"sinusoid regression needs a gradient-based method, not {self.method.name}.")

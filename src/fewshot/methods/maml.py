@@ -48,7 +48,7 @@ from fewshot.methods.inner_loop import (
     task_loss_fn,
     vmap_tasks,
 )
-from fewshot.models.norm import convert_batchnorm
+from fewshot.models.norm import TaskBatchNorm, convert_batchnorm
 
 
 class TaskPredictor:
@@ -95,6 +95,11 @@ class MAML(Method):
         batchnorm: "transductive" (each pass normalised by its own batch: support by
             support, queries by the query batch, as in the MAML paper) or
             "non-transductive" (queries normalised by the support statistics).
+        adapt_batchnorm: take inner steps on the batch-norm weights and offsets too
+            (True, the algorithm as written). False leaves them out of the inner loop
+            and meta-learns them only, as Finn et al.'s code does (its batch-norm
+            variables are not among the weights it adapts); first-order MAML learns
+            much faster so (docs/results.md).
         task: "classification" (cross-entropy, labels 0..N-1) or "regression" (MSE).
         path: "auto" (vmap over tasks, falling back to a loop with a warning if vmap
             fails), "vmap" or "loop".
@@ -117,6 +122,7 @@ class MAML(Method):
         first_order: bool = False,
         per_step_lr: bool = False,
         batchnorm: str = "transductive",
+        adapt_batchnorm: bool = True,
         task: str = "classification",
         path: str = "auto",
         forward: str = "auto",
@@ -141,6 +147,13 @@ class MAML(Method):
         self.model = model
         convert_batchnorm(model)
         self.batchnorm_layers = count_task_batchnorm(model)
+        self.adapt_batchnorm = bool(adapt_batchnorm)
+        self._norm_names = frozenset(
+            f"{prefix}.{name}" if prefix else name
+            for prefix, module in model.named_modules()
+            if isinstance(module, TaskBatchNorm)
+            for name, _ in module.named_parameters(recurse=False)
+        )
         self._nt = batchnorm == "non-transductive" and self.batchnorm_layers > 0
         self._fixed_lrs = self._parse_lr(inner_lr)
         if chunk_size is not None and (
@@ -150,6 +163,11 @@ class MAML(Method):
         self.chunk_size = chunk_size
         self.runner = TaskRunner(path, type(self).__name__)
         self._setup_forwards(forward)
+        if not self._adapt_names():
+            raise ValueError(
+                f"{type(self).__name__}: the inner loop has no parameter to adapt "
+                "(with adapt_batchnorm=False every trainable parameter is a batch-norm one)"
+            )
         self._setup_learning_rates()
 
     # ---------------------------------------------------------------- configuration
@@ -181,7 +199,12 @@ class MAML(Method):
         self._forward_loop, self.forward_loop_name = choose_forward(self.model, forward, False)
 
     def _adapt_names(self) -> list[str]:
-        return [n for n, p in self.model.named_parameters() if p.requires_grad]
+        """The parameters the inner loop steps on (all others are meta-learned only)."""
+        return [
+            n
+            for n, p in self.model.named_parameters()
+            if p.requires_grad and (self.adapt_batchnorm or n not in self._norm_names)
+        ]
 
     def _setup_learning_rates(self) -> None:
         self.step_lrs = nn.ParameterDict()
@@ -343,6 +366,7 @@ class MAML(Method):
             "first_order": self.first_order,
             "batchnorm": self.batchnorm,
             "batchnorm_layers": self.batchnorm_layers,
+            "adapt_batchnorm": self.adapt_batchnorm,
             "task": self.task,
             "path": self.runner.used(),
             "forward": self.forward_vec_name,

@@ -77,6 +77,7 @@ def _gradient_method(config: Config, input_shape: tuple[int, ...]) -> Method:
         inner_steps=m.inner_steps,
         inner_steps_test=m.inner_steps_test,
         batchnorm=m.batchnorm,
+        adapt_batchnorm=m.adapt_batchnorm,
         task="regression" if regression else "classification",
     )
     if m.name == "anil":

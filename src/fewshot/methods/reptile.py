@@ -91,7 +91,7 @@ class Reptile(MAML):
             evaluation (None: the whole support set).
         inner_optimizer: "sgd", or "adam" (beta1 = 0, second moment kept across
             tasks, as in the reference code).
-        batchnorm, task, path, forward, chunk_size: as for ``MAML``.
+        batchnorm, adapt_batchnorm, task, path, forward, chunk_size: as for ``MAML``.
 
     The outer update is the optimiser's: ``torch.optim.SGD(method.parameters(),
     lr=epsilon)`` gives the paper's update, ``Adam`` its Adam variant.
@@ -110,6 +110,7 @@ class Reptile(MAML):
         inner_optimizer: str = "sgd",
         inner_batch_test: int | None = None,
         batchnorm: str = "transductive",
+        adapt_batchnorm: bool = True,
         task: str = "classification",
         path: str = "auto",
         forward: str = "auto",
@@ -123,6 +124,7 @@ class Reptile(MAML):
             first_order=True,
             per_step_lr=False,
             batchnorm=batchnorm,
+            adapt_batchnorm=adapt_batchnorm,
             task=task,
             path=path,
             forward=forward,
