@@ -165,8 +165,8 @@ class MAML(Method):
         self._setup_forwards(forward)
         if not self._adapt_names():
             raise ValueError(
-                f"{type(self).__name__}: the inner loop has no parameter to adapt "
-                "(with adapt_batchnorm=False every trainable parameter is a batch-norm one)"
+                f"{type(self).__name__}: the inner loop has no parameter to adapt (none requires "
+                "grad, or adapt_batchnorm=False and every trainable one is a batch-norm parameter)"
             )
         self._setup_learning_rates()
 
