@@ -63,6 +63,11 @@ START, END = "<!-- results-table -->", "<!-- /results-table -->"
 
 def write_into(path: Path, table: str) -> None:
     """Replace the text between the table markers of ``path`` with ``table``."""
+    if not path.is_file():
+        raise SystemExit(
+            f"{path}: no such file; --write replaces the marked table in an existing Markdown file "
+            f"(e.g. docs/results.md, which has the {START} and {END} lines)"
+        )
     text = path.read_text()
     if text.count(START) != 1 or text.count(END) != 1 or text.index(START) > text.index(END):
         raise SystemExit(f"{path}: needs one line {START} followed by one line {END} around the table")
