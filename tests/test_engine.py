@@ -384,6 +384,9 @@ def test_batchnorm_adaptation_setting_reaches_the_method():
         # The first-order presets leave batch norm out of the inner loop; the others adapt it.
         preset_value = build_method(load_config(preset), (1, 28, 28)).describe()["adapt_batchnorm"]
         assert preset_value is (not preset.startswith("fomaml")), preset
+    # ANIL adapts its head alone: its record says batch norm is not adapted, whatever the setting.
+    anil = build_method(load_config("anil-omniglot-5w1s", ["method.adapt_batchnorm=true"]), (1, 28, 28))
+    assert anil.describe()["adapt_batchnorm"] is False
     with pytest.raises(ConfigError, match="adapt_batchnorm"):
         load_config("protonet-omniglot-5w1s", ["method.adapt_batchnorm=false"])
 

@@ -366,7 +366,8 @@ class MAML(Method):
             "first_order": self.first_order,
             "batchnorm": self.batchnorm,
             "batchnorm_layers": self.batchnorm_layers,
-            "adapt_batchnorm": self.adapt_batchnorm,
+            # what the inner loop does, not the argument: ANIL never steps on batch norm
+            "adapt_batchnorm": any(n in self._norm_names for n in self._adapt_names()),
             "task": self.task,
             "path": self.runner.used(),
             "forward": self.forward_vec_name,
