@@ -201,18 +201,15 @@ freed memory (``fewshot/allocator.py``); they gain Prototypical Networks'
 near 16 MB: 83.8 / 40.9 tasks/s (vmap / loop, second order) tuned against
 80.4 / 39.6 with the system's settings, two runs the same day.
 
-learn2learn 0.2.0 side by side (its ``MAML.clone()/adapt()`` loop), in a
-separate virtual environment so it stays out of this project's dependencies
-(the recipe that worked here): install ``torch==2.14.1 torchvision==0.29.1`` there;
-``pip install 'cython<3'``; ``pip download --no-deps learn2learn==0.2.0`` and
-unpack it; regenerate the C files with ``cython -3
-learn2learn/data/{meta_dataset,task_dataset,transforms}.pyx`` (the shipped
-ones do not compile on Python 3.11); ``pip install`` the unpacked folder; then
-time ``l2l.algorithms.MAML(Classifier(Conv4(1, 64, 4, False), 64, 5), lr=0.4,
-first_order=...)`` with a loop of ``clone(); adapt(support loss); query
-loss.backward()`` over the 32 tasks, with the same shapes and thread count.
-Timed that way on this machine it ran 19 (2nd order) and 41 (1st order)
-tasks/s, below this script's loop path.
+learn2learn 0.2.0 side by side: ``benchmarks/maml_vs_learn2learn.py``, run
+in the separate environment that ``benchmarks/learn2learn_env.sh`` builds
+(learn2learn needs torchvision, which does not import beside this torch),
+times its ``clone()/adapt()`` loop on the same network and tasks, round-robin
+with this script's four main configurations in one process. On the Intel
+host, torch 2.14.1, ``--rounds 9``: learn2learn 30.7 (2nd order) and 64.2
+(1st order) tasks/s, this project's loop path 28.1 and 50.1, the vectorised
+path 68.9 and 130.8 (2.25x and 2.04x learn2learn's). The 19 and 41 tasks/s
+first given for learn2learn were measured on an earlier, slower host.
 """
 
 from __future__ import annotations
