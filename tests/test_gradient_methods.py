@@ -196,6 +196,7 @@ METHODS = {
     "maml-per-step-lr": lambda m, **kw: MAML(m, inner_lr=[0.3, 0.2, 0.1], per_step_lr=True, **kw),
     "maml-fixed-batchnorm": lambda m, **kw: MAML(m, inner_lr=0.3, adapt_batchnorm=False, **kw),
     "metasgd": lambda m, **kw: MetaSGD(m, inner_lr=0.3, **kw),
+    "metasgd-fixed-batchnorm": lambda m, **kw: MetaSGD(m, inner_lr=0.3, adapt_batchnorm=False, **kw),
     "anil": lambda m, **kw: ANIL(m, inner_lr=0.3, **kw),
 }
 
@@ -279,6 +280,26 @@ def test_metasgd_learning_rates_are_meta_learned() -> None:
     assert any(alpha.grad.abs().max() > 0 for alpha in method.step_lrs.values())
     optimiser.step()
     assert any(not torch.equal(before[k], v) for k, v in method.step_lrs.items())
+
+
+def test_metasgd_without_batchnorm_adaptation_learns_no_batchnorm_rates() -> None:
+    """adapt_batchnorm=False: no step sizes for batch norm, whose parameters the inner loop leaves alone."""
+    method = MetaSGD(tiny_classifier(), inner_lr=0.3, adapt_batchnorm=False)
+    norms = set(method._norm_names)
+    assert len(norms) == 4  # two blocks' batch-norm weights and offsets
+    keys = {key.replace("__", ".") for key in method.step_lrs}
+    assert keys == {n for n, _ in method.model.named_parameters()} - norms
+    meta_grads(method, tiny_batch())
+    assert any(alpha.grad.abs().max() > 0 for alpha in method.step_lrs.values())
+    episode = tiny_batch()[0]
+    adapted = method.adapt(episode.support, episode.support_labels).params
+    for name, value in method.model.named_parameters():
+        same = torch.equal(adapted[name], value.detach())
+        if name in norms:
+            assert same, name
+        elif not name.endswith(".0.bias"):  # conv biases feeding batch norm get (near) zero gradients
+            assert not same, name
+    assert method.describe()["adapt_batchnorm"] is False
 
 
 def test_per_step_learning_rates_get_gradients() -> None:
