@@ -227,6 +227,43 @@ def test_relation_shapes_and_scores_in_unit_interval(batch):
     assert method.describe()["loss"] == "mse"
 
 
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("lead", [(), (3,)])
+def test_relation_compare_equals_concatenated_pairs(training, lead):
+    """The split first convolution gives the concatenated pairs' relations and gradients.
+
+    Float64, batch statistics over all pairs (training) or running ones
+    (eval), one task or several at once; the pairs are built here by hand in
+    the paper's order (class channels first, then query), query-major.
+    """
+    torch.manual_seed(0)
+    module = RelationNetwork(IMAGE, hidden=8).relation.double().train(training)
+    if not training:  # running statistics that are not the identity
+        for bn in (module.convs[0][1], module.convs[1][1]):
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
+    m, n, c = 6, 4, 8
+    classes = torch.randn(*lead, n, c, 7, 7, dtype=torch.float64, requires_grad=True)
+    queries = torch.randn(*lead, m, c, 7, 7, dtype=torch.float64, requires_grad=True)
+    reference = copy.deepcopy(module)
+
+    got = module.compare(classes, queries)
+    q = queries.unsqueeze(-4).expand(*lead, m, n, c, 7, 7)
+    p = classes.unsqueeze(-5).expand(*lead, m, n, c, 7, 7)
+    want = reference(torch.cat([p, q], dim=-3).reshape(-1, 2 * c, 7, 7)).view(*lead, m, n)
+    assert got.shape == (*lead, m, n)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+    weights = torch.randn_like(got)
+    grads = torch.autograd.grad((got * weights).sum(), [classes, queries, *module.parameters()])
+    wants = torch.autograd.grad((want * weights).sum(), [classes, queries, *reference.parameters()])
+    for g, w in zip(grads, wants, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12)
+    if training:  # the running statistics took in the same batch statistics
+        for a, b in zip(module.buffers(), reference.buffers(), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
 def test_relation_miniimagenet_shape():
     torch.manual_seed(0)
     method = RelationNetwork((3, 84, 84), hidden=8)

@@ -1,0 +1,119 @@
+"""Relation Networks meta-training speed: the first relation convolution split by halves.
+
+Setting: the four Omniglot presets' training episodes (5-way 1-shot 19
+queries a class, 5-way 5-shot 15, 20-way 1-shot 10, 20-way 5-shot 5), the
+paper's networks (embedding Conv-4 without the last two pools, 64-channel
+7x7 maps; relation module of two conv blocks and two linear layers), MSE
+loss, Adam, channels-last weights as ``fewshot`` builds them,
+``torch.set_num_threads(2)``. Images are random tensors of that shape: speed
+does not depend on their content, and no dataset is needed.
+
+Two configurations per setting, built in this process and timed
+round-robin (one training step of each in turn, ``--rounds`` times, after a
+warm-up step), median step time reported as episodes/s:
+
+* ``concat``: the paper's formulation, every (class, query) pair of feature
+  maps concatenated along channels and convolved, as the method did before;
+* ``split`` (the method now, ``RelationModule.compare``): the first
+  convolution taken once per class map and once per query map with its two
+  halves of weights, the results added for each pair. Same numbers
+  (``tests/test_metric_methods.py`` checks values and gradients in float64).
+
+    python benchmarks/relation_speed.py [--rounds 7]
+
+The last line of stdout is one JSON object: per setting,
+``<setting>_episodes_per_s`` (split), ``<setting>_concat_episodes_per_s``
+and ``<setting>_speedup``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from fewshot.allocator import malloc_mode, tune_malloc
+from fewshot.data.episodes import EpisodeBatch
+from fewshot.methods.relation import RelationNetwork
+
+SETTINGS = {"5w1s": (5, 1, 19), "5w5s": (5, 5, 15), "20w1s": (20, 1, 10), "20w5s": (20, 5, 5)}
+"""Ways, shots and queries per class of the presets' training episodes."""
+
+
+class ConcatPairs(RelationNetwork):
+    """The paper's formulation: the relation module convolves concatenated pairs."""
+
+    def relations(self, query_maps: torch.Tensor, class_maps: torch.Tensor) -> torch.Tensor:
+        *lead, m, c, h, w = query_maps.shape
+        n = class_maps.shape[-4]
+        q = query_maps.unsqueeze(-4).expand(*lead, m, n, c, h, w)
+        p = class_maps.unsqueeze(-5).expand(*lead, m, n, c, h, w)
+        pairs = torch.cat([p, q], dim=-3).reshape(-1, 2 * c, h, w)
+        return self.relation(pairs).view(*lead, m, n)
+
+
+def episode(ways: int, shots: int, queries: int) -> EpisodeBatch:
+    labels = torch.arange(ways)
+    return EpisodeBatch(
+        support=torch.rand(1, ways * shots, 1, 28, 28),
+        support_labels=labels.repeat_interleave(shots).unsqueeze(0),
+        query=torch.rand(1, ways * queries, 1, 28, 28),
+        query_labels=labels.repeat_interleave(queries).unsqueeze(0),
+    )
+
+
+def make_step(kind: type[RelationNetwork], batch: EpisodeBatch) -> Callable[[], None]:
+    """One training step (loss, backward, Adam) of a fresh Relation Network."""
+    torch.manual_seed(0)
+    method = kind((1, 28, 28)).to(memory_format=torch.channels_last)
+    optimiser = torch.optim.Adam(method.parameters(), lr=1e-3)
+
+    def step() -> None:
+        loss, _ = method.loss(batch)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+
+    return step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=7, help="timed steps of each configuration")
+    args = parser.parse_args()
+    tune_malloc()  # as the fewshot command runs: freed memory kept (fewshot/allocator.py)
+    torch.set_num_threads(2)
+
+    steps: dict[str, Callable[[], None]] = {}
+    for name, shape in SETTINGS.items():
+        batch = episode(*shape)
+        steps[f"{name}_concat"] = make_step(ConcatPairs, batch)
+        steps[f"{name}_split"] = make_step(RelationNetwork, batch)
+    for step in steps.values():  # warm-up
+        step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(args.rounds):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+
+    print(f"Relation Networks training steps, {args.rounds} rounds, median, malloc {malloc_mode()}")
+    print(f"{'setting':8} {'concat ep/s':>12} {'split ep/s':>12} {'speedup':>8}")
+    figures: dict[str, float] = {}
+    for name in SETTINGS:
+        concat = 1 / statistics.median(times[f"{name}_concat"])
+        split = 1 / statistics.median(times[f"{name}_split"])
+        print(f"{name:8} {concat:12.2f} {split:12.2f} {split / concat:7.2f}x")
+        figures[f"{name}_episodes_per_s"] = round(split, 2)
+        figures[f"{name}_concat_episodes_per_s"] = round(concat, 2)
+        figures[f"{name}_speedup"] = round(split / concat, 2)
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()
