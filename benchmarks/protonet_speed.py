@@ -44,6 +44,7 @@ from maml_speed import peak_rss_mb
 
 from fewshot.allocator import MARKER, OPT_OUT, malloc_mode, tune_malloc, tuned_environment
 from fewshot.data.episodes import EpisodeBatch
+from fewshot.methods.base import Method
 from fewshot.methods.protonet import PrototypicalNetwork
 from fewshot.models.backbones import Conv4
 
@@ -58,11 +59,8 @@ def episode(ways: int, shots: int, queries: int) -> EpisodeBatch:
     )
 
 
-def make_step(batch: EpisodeBatch, channels_last: bool) -> Callable[[], None]:
-    """One training step (loss, backward, Adam) of a fresh Prototypical Network."""
-    method = PrototypicalNetwork(Conv4(1), 64)
-    if channels_last:
-        method = method.to(memory_format=torch.channels_last)
+def training_step(method: Method, batch: EpisodeBatch) -> Callable[[], None]:
+    """One training step (loss, backward, Adam) of ``method`` on ``batch``."""
     optimiser = torch.optim.Adam(method.parameters(), lr=1e-3)
 
     def step() -> None:
@@ -72,6 +70,14 @@ def make_step(batch: EpisodeBatch, channels_last: bool) -> Callable[[], None]:
         optimiser.step()
 
     return step
+
+
+def make_step(batch: EpisodeBatch, channels_last: bool) -> Callable[[], None]:
+    """One training step of a fresh Prototypical Network."""
+    method = PrototypicalNetwork(Conv4(1), 64)
+    if channels_last:
+        method = method.to(memory_format=torch.channels_last)
+    return training_step(method, batch)
 
 
 def measure_here(rounds: int) -> dict[str, float]:

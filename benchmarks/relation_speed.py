@@ -35,6 +35,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from protonet_speed import episode, training_step
 
 from fewshot.allocator import malloc_mode, tune_malloc
 from fewshot.data.episodes import EpisodeBatch
@@ -56,29 +57,10 @@ class ConcatPairs(RelationNetwork):
         return self.relation(pairs).view(*lead, m, n)
 
 
-def episode(ways: int, shots: int, queries: int) -> EpisodeBatch:
-    labels = torch.arange(ways)
-    return EpisodeBatch(
-        support=torch.rand(1, ways * shots, 1, 28, 28),
-        support_labels=labels.repeat_interleave(shots).unsqueeze(0),
-        query=torch.rand(1, ways * queries, 1, 28, 28),
-        query_labels=labels.repeat_interleave(queries).unsqueeze(0),
-    )
-
-
 def make_step(kind: type[RelationNetwork], batch: EpisodeBatch) -> Callable[[], None]:
     """One training step (loss, backward, Adam) of a fresh Relation Network."""
     torch.manual_seed(0)
-    method = kind((1, 28, 28)).to(memory_format=torch.channels_last)
-    optimiser = torch.optim.Adam(method.parameters(), lr=1e-3)
-
-    def step() -> None:
-        loss, _ = method.loss(batch)
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-
-    return step
+    return training_step(kind((1, 28, 28)).to(memory_format=torch.channels_last), batch)
 
 
 def main() -> None:
