@@ -49,12 +49,7 @@ class ConcatPairs(RelationNetwork):
     """The paper's formulation: the relation module convolves concatenated pairs."""
 
     def relations(self, query_maps: torch.Tensor, class_maps: torch.Tensor) -> torch.Tensor:
-        *lead, m, c, h, w = query_maps.shape
-        n = class_maps.shape[-4]
-        q = query_maps.unsqueeze(-4).expand(*lead, m, n, c, h, w)
-        p = class_maps.unsqueeze(-5).expand(*lead, m, n, c, h, w)
-        pairs = torch.cat([p, q], dim=-3).reshape(-1, 2 * c, h, w)
-        return self.relation(pairs).view(*lead, m, n)
+        return self.relation.compare_concatenated(class_maps, query_maps)
 
 
 def make_step(kind: type[RelationNetwork], batch: EpisodeBatch) -> Callable[[], None]:

@@ -253,6 +253,9 @@ def test_relation_compare_equals_concatenated_pairs(training, lead):
     want = reference(torch.cat([p, q], dim=-3).reshape(-1, 2 * c, 7, 7)).view(*lead, m, n)
     assert got.shape == (*lead, m, n)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(  # the benchmark's reference builds the same pairs
+        copy.deepcopy(reference).compare_concatenated(classes, queries), want, rtol=0, atol=0
+    )
 
     weights = torch.randn_like(got)
     grads = torch.autograd.grad((got * weights).sum(), [classes, queries, *module.parameters()])

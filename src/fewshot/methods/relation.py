@@ -99,11 +99,7 @@ class RelationModule(nn.Module):
         """
         *lead, m, c, h, w = query_maps.shape
         n = class_maps.shape[-4]
-        first = self.convs[0][0]
-        if not isinstance(first, nn.Conv2d) or first.groups != 1 or first.padding_mode != "zeros":
-            q = query_maps.unsqueeze(-4).expand(*lead, m, n, c, h, w)
-            p = class_maps.unsqueeze(-5).expand(*lead, m, n, c, h, w)
-            return self(torch.cat([p, q], dim=-3).reshape(-1, 2 * c, h, w)).view(*lead, m, n)
+        first = self.convs[0][0]  # conv_block's zero-padded, ungrouped Conv2d
         conv = (first.stride, first.padding, first.dilation)
         by_class = F.conv2d(class_maps.reshape(-1, c, h, w), first.weight[:, :c], first.bias, *conv)
         by_query = F.conv2d(query_maps.reshape(-1, c, h, w), first.weight[:, c:], None, *conv)
@@ -111,6 +107,17 @@ class RelationModule(nn.Module):
         by_query = by_query.view(-1, m, 1, *by_query.shape[1:])
         pairs = (by_query + by_class).flatten(0, 2)
         return self.fc(self.convs[1](self.convs[0][1:](pairs))).view(*lead, m, n)
+
+    def compare_concatenated(self, class_maps: torch.Tensor, query_maps: torch.Tensor) -> torch.Tensor:
+        """``compare`` as the paper writes it: every (class, query) pair concatenated and convolved.
+
+        The reference that ``compare`` replaces, kept for benchmarks/relation_speed.py.
+        """
+        *lead, m, c, h, w = query_maps.shape
+        n = class_maps.shape[-4]
+        q = query_maps.unsqueeze(-4).expand(*lead, m, n, c, h, w)
+        p = class_maps.unsqueeze(-5).expand(*lead, m, n, c, h, w)
+        return self(torch.cat([p, q], dim=-3).reshape(-1, 2 * c, h, w)).view(*lead, m, n)
 
 
 class RelationPredictor:
