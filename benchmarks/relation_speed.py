@@ -19,11 +19,25 @@ warm-up step), median step time reported as episodes/s:
   halves of weights, the results added for each pair. Same numbers
   (``tests/test_metric_methods.py`` checks values and gradients in float64).
 
+Test time is timed the same way, on the presets' test chunks (16 tasks of
+15 queries a class, eval mode, no gradients), two configurations per
+setting:
+
+* ``eval_one_call``: all the chunk's images embedded in one backbone call,
+  as the metric methods did before (at 20 ways 5,120 to 6,400 images, whose
+  first-layer activations take 1 to 1.3 GB);
+* ``eval`` (the methods now, ``embed_batch``): the images embedded in
+  blocks of ``EVAL_BLOCK_ELEMENTS`` input elements, 334 Omniglot images,
+  which running statistics allow, since an image's embedding then depends
+  on it alone.
+
     python benchmarks/relation_speed.py [--rounds 7]
 
 The last line of stdout is one JSON object: per setting,
-``<setting>_episodes_per_s`` (split), ``<setting>_concat_episodes_per_s``
-and ``<setting>_speedup``.
+``<setting>_episodes_per_s`` (split), ``<setting>_concat_episodes_per_s``,
+``<setting>_speedup``, and for test episodes
+``<setting>_eval_episodes_per_s``, ``<setting>_eval_one_call_episodes_per_s``
+and ``<setting>_eval_speedup``.
 """
 
 from __future__ import annotations
@@ -33,16 +47,20 @@ import json
 import statistics
 import time
 from collections.abc import Callable
+from unittest import mock
 
 import torch
 from protonet_speed import episode, training_step
 
 from fewshot.allocator import malloc_mode, tune_malloc
 from fewshot.data.episodes import EpisodeBatch
+from fewshot.methods import protonet
 from fewshot.methods.relation import RelationNetwork
 
 SETTINGS = {"5w1s": (5, 1, 19), "5w5s": (5, 5, 15), "20w1s": (20, 1, 10), "20w5s": (20, 5, 5)}
 """Ways, shots and queries per class of the presets' training episodes."""
+EVAL_QUERIES, EVAL_CHUNK = 15, 16
+"""Queries per class of the presets' test episodes, and test tasks per forward pass (``eval.chunk``)."""
 
 
 class ConcatPairs(RelationNetwork):
@@ -58,6 +76,20 @@ def make_step(kind: type[RelationNetwork], batch: EpisodeBatch) -> Callable[[], 
     return training_step(kind((1, 28, 28)).to(memory_format=torch.channels_last), batch)
 
 
+def make_eval(ways: int, shots: int, blocks: bool) -> Callable[[], None]:
+    """One test chunk's query logits (eval mode, no gradients), the images in blocks or in one call."""
+    torch.manual_seed(0)
+    method = RelationNetwork((1, 28, 28)).to(memory_format=torch.channels_last).eval()
+    batch = EpisodeBatch.stack([episode(ways, shots, EVAL_QUERIES)[0] for _ in range(EVAL_CHUNK)])
+    block = protonet.EVAL_BLOCK_ELEMENTS if blocks else 1 << 62
+
+    def forward() -> None:
+        with torch.no_grad(), mock.patch.object(protonet, "EVAL_BLOCK_ELEMENTS", block):
+            method.query_logits(batch)
+
+    return forward
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=7, help="timed steps of each configuration")
@@ -70,6 +102,9 @@ def main() -> None:
         batch = episode(*shape)
         steps[f"{name}_concat"] = make_step(ConcatPairs, batch)
         steps[f"{name}_split"] = make_step(RelationNetwork, batch)
+        ways, shots, _ = shape
+        steps[f"{name}_eval_one_call"] = make_eval(ways, shots, blocks=False)
+        steps[f"{name}_eval"] = make_eval(ways, shots, blocks=True)
     for step in steps.values():  # warm-up
         step()
     times: dict[str, list[float]] = {name: [] for name in steps}
@@ -79,16 +114,29 @@ def main() -> None:
             step()
             times[name].append(time.perf_counter() - start)
 
-    print(f"Relation Networks training steps, {args.rounds} rounds, median, malloc {malloc_mode()}")
-    print(f"{'setting':8} {'concat ep/s':>12} {'split ep/s':>12} {'speedup':>8}")
+    def per_s(name: str, episodes: int = 1) -> float:
+        return episodes / statistics.median(times[name])
+
+    print(f"Relation Networks, {args.rounds} rounds, median, malloc {malloc_mode()}")
+    print(
+        f"{'setting':8} {'concat ep/s':>12} {'split ep/s':>12} {'speedup':>8}"
+        f"   {'test one call ep/s':>20} {'test blocks ep/s':>17} {'speedup':>8}"
+    )
     figures: dict[str, float] = {}
     for name in SETTINGS:
-        concat = 1 / statistics.median(times[f"{name}_concat"])
-        split = 1 / statistics.median(times[f"{name}_split"])
-        print(f"{name:8} {concat:12.2f} {split:12.2f} {split / concat:7.2f}x")
+        concat, split = per_s(f"{name}_concat"), per_s(f"{name}_split")
+        one_call = per_s(f"{name}_eval_one_call", EVAL_CHUNK)
+        blocked = per_s(f"{name}_eval", EVAL_CHUNK)
+        print(
+            f"{name:8} {concat:12.2f} {split:12.2f} {split / concat:7.2f}x"
+            f"   {one_call:20.2f} {blocked:17.2f} {blocked / one_call:7.2f}x"
+        )
         figures[f"{name}_episodes_per_s"] = round(split, 2)
         figures[f"{name}_concat_episodes_per_s"] = round(concat, 2)
         figures[f"{name}_speedup"] = round(split / concat, 2)
+        figures[f"{name}_eval_episodes_per_s"] = round(blocked, 2)
+        figures[f"{name}_eval_one_call_episodes_per_s"] = round(one_call, 2)
+        figures[f"{name}_eval_speedup"] = round(blocked / one_call, 2)
     print(json.dumps(figures))
 
 

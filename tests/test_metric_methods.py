@@ -18,11 +18,13 @@ from torch import nn
 
 from fewshot.data.episodes import EpisodeBatch
 from fewshot.errors import EpisodeError
+from fewshot.methods import protonet
 from fewshot.methods.base import Method
 from fewshot.methods.matching import MatchingNetwork
-from fewshot.methods.protonet import PrototypicalNetwork, class_aggregate
+from fewshot.methods.protonet import PrototypicalNetwork, class_aggregate, embed_batch
 from fewshot.methods.relation import RelationNetwork
 from fewshot.models.backbones import Conv4
+from fewshot.models.norm import convert_batchnorm
 
 IMAGE = (1, 28, 28)
 
@@ -74,6 +76,47 @@ def batch(templates) -> EpisodeBatch:
 # --------------------------------------------------------------------------
 # Prototypical Networks
 # --------------------------------------------------------------------------
+
+
+def embed_calls(backbone: nn.Module, batch: EpisodeBatch) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``embed_batch``'s support and query embeddings, and how many backbone calls made them."""
+    calls = []
+    hook = backbone.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        support, query = embed_batch(backbone, batch)
+    finally:
+        hook.remove()
+    return support, query, len(calls)
+
+
+def test_embed_batch_eval_blocks_equal_one_call(batch, monkeypatch):
+    """On running statistics the test-time backbone runs in blocks, with one call's numbers;
+    a backbone that normalises by its batch (TaskBatchNorm) still gets the whole batch at once."""
+    torch.manual_seed(0)
+    backbone = Conv4(hidden=8).double().eval()
+    for m in backbone.modules():
+        if isinstance(m, nn.BatchNorm2d):  # running statistics that are not the identity
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+    batch = dataclasses.replace(batch, support=batch.support.double(), query=batch.query.double())
+    images = batch.tasks * (batch.support.shape[1] + batch.query.shape[1])  # 60
+
+    monkeypatch.setattr(protonet, "EVAL_BLOCK_ELEMENTS", 1 << 62)
+    whole_support, whole_query, calls = embed_calls(backbone, batch)
+    assert calls == 1
+    monkeypatch.setattr(protonet, "EVAL_BLOCK_ELEMENTS", 7 * math.prod(IMAGE))  # blocks of 7 images
+    support, query, calls = embed_calls(backbone, batch)
+    assert calls == math.ceil(images / 7)
+    torch.testing.assert_close(support, whole_support, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(query, whole_query, rtol=1e-12, atol=1e-12)
+
+    convert_batchnorm(backbone)
+    support, query, calls = embed_calls(backbone, batch)
+    assert calls == 1
+    monkeypatch.setattr(protonet, "EVAL_BLOCK_ELEMENTS", 1 << 62)
+    whole_support, whole_query, _ = embed_calls(backbone, batch)
+    torch.testing.assert_close(support, whole_support, rtol=0, atol=0)
+    torch.testing.assert_close(query, whole_query, rtol=0, atol=0)
 
 
 def test_protonet_logits_equal_closed_form():

@@ -126,6 +126,20 @@ class TaskBatchNorm(nn.Module):
         return f"{self.num_features}, eps={self.eps}, affine={self.affine}"
 
 
+def uses_batch_statistics(module: nn.Module) -> bool:
+    """True when some normalisation in ``module`` would normalise by the batch it is given.
+
+    Then an example's output depends on the rest of its batch, so a batch
+    must not be cut into pieces; otherwise (every BatchNorm in eval mode on
+    running statistics) each example's output is its own.
+    """
+    return any(
+        isinstance(m, TaskBatchNorm)
+        or (isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or not m.track_running_stats))
+        for m in module.modules()
+    )
+
+
 def convert_batchnorm(module: nn.Module) -> int:
     """Replace every ``nn.BatchNorm*`` inside ``module`` by ``TaskBatchNorm``, in place.
 
