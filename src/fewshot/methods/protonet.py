@@ -136,7 +136,7 @@ def embed_batch(backbone: nn.Module, batch: EpisodeBatch) -> tuple[torch.Tensor,
                 task_done()
         return torch.cat([p for p, _ in parts]), torch.cat([q for _, q in parts])
     images = torch.cat([batch.support.flatten(0, 1), batch.query.flatten(0, 1)])
-    if uses_batch_statistics(backbone):  # the batch normalises itself: one call
+    if backbone.training or uses_batch_statistics(backbone):  # training, or the batch normalises itself
         z = backbone(images)
     else:
         step = max(1, EVAL_BLOCK_ELEMENTS // images[0].numel())
