@@ -26,7 +26,7 @@ setting:
 * ``eval_one_call``: all the chunk's images embedded in one backbone call,
   as the metric methods did before (at 20 ways 5,120 to 6,400 images, whose
   first-layer activations take 1 to 1.3 GB);
-* ``eval`` (the methods now, ``embed_batch``): the images embedded in
+* ``eval`` (the methods now, ``protonet.embed``): the images embedded in
   blocks of ``EVAL_BLOCK_ELEMENTS`` input elements, 334 Omniglot images,
   which running statistics allow, since an image's embedding then depends
   on it alone.

@@ -119,6 +119,27 @@ def test_embed_batch_eval_blocks_equal_one_call(batch, monkeypatch):
     torch.testing.assert_close(query, whole_query, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("kind", ["protonet", "matching-fce", "relation"])
+def test_predictors_embed_in_blocks_at_test_time(kind, batch, monkeypatch):
+    """adapt and the predictor embed through the same blocks as the test episodes, same numbers."""
+    method = make_method(kind).double().eval()
+    backbone = method.embedding if kind == "relation" else method.backbone
+    episode = batch[0]
+    support, labels, query = episode.support.double(), episode.support_labels, episode.query.double()
+
+    monkeypatch.setattr(protonet, "EVAL_BLOCK_ELEMENTS", 1 << 62)
+    whole = method.adapt(support, labels)(query)
+    monkeypatch.setattr(protonet, "EVAL_BLOCK_ELEMENTS", 5 * math.prod(IMAGE))  # blocks of 5 images
+    calls = []
+    hook = backbone.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        blocked = method.adapt(support, labels)(query)
+    finally:
+        hook.remove()
+    assert len(calls) == math.ceil(len(support) / 5) + math.ceil(len(query) / 5)
+    torch.testing.assert_close(blocked, whole, rtol=1e-12, atol=1e-12)
+
+
 def test_protonet_logits_equal_closed_form():
     """-||f(q) - mean_k f(s_k)||^2, computed with explicit loops, on shuffled support."""
     torch.manual_seed(0)

@@ -19,6 +19,7 @@ from fewshot.methods.protonet import (
     check_query,
     check_task,
     classification_metrics,
+    embed,
     embed_batch,
 )
 
@@ -43,7 +44,7 @@ class MatchingPredictor:
     def __call__(self, query: torch.Tensor) -> torch.Tensor:
         check_query(query, self.example_shape)
         g = self.support.unsqueeze(0)
-        f = self.method.embed_query(self.method.backbone(query).unsqueeze(0), g)
+        f = self.method.embed_query(embed(self.method.backbone, query).unsqueeze(0), g)
         return self.method.log_probs(f, g, self.labels.unsqueeze(0), self.ways)[0]
 
 
@@ -167,7 +168,7 @@ class MatchingNetwork(Method):
     def adapt(self, support: torch.Tensor, support_labels: torch.Tensor) -> MatchingPredictor:
         """Embed the support set once (with its full context if fce)."""
         ways = check_task(support, support_labels)
-        g = self.embed_support(self.backbone(support).unsqueeze(0))[0]
+        g = self.embed_support(embed(self.backbone, support).unsqueeze(0))[0]
         return MatchingPredictor(self, g, support_labels, ways, tuple(support.shape[1:]))
 
     def query_logits(self, batch: EpisodeBatch) -> torch.Tensor:

@@ -114,6 +114,20 @@ GB) would stream through memory in every layer; in blocks, Relation Networks'
 20-way test episodes run 1.5 to 1.7 times faster (benchmarks/relation_speed.py)."""
 
 
+def embed(backbone: nn.Module, examples: torch.Tensor) -> torch.Tensor:
+    """The backbone on a stack of examples (B, *example_shape).
+
+    In eval mode, when every BatchNorm uses running statistics, each
+    example's output is its own, so the examples go through in blocks of
+    ``EVAL_BLOCK_ELEMENTS``; in training, or when the batch normalises
+    itself, in one call.
+    """
+    if backbone.training or len(examples) == 0 or uses_batch_statistics(backbone):
+        return backbone(examples)
+    blocks = examples.split(max(1, EVAL_BLOCK_ELEMENTS // examples[0].numel()))
+    return torch.cat([backbone(block) for block in blocks])
+
+
 def embed_batch(backbone: nn.Module, batch: EpisodeBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """Embed the support and query examples of every task.
 
@@ -123,8 +137,7 @@ def embed_batch(backbone: nn.Module, batch: EpisodeBatch) -> tuple[torch.Tensor,
     BatchNorm's batch statistics come from one task and never mix tasks, and
     the running statistics take one update per meta-batch: a meta-batch split
     across processes then gives the same meta-gradient and the same model as
-    one process. In eval mode (running statistics) the examples of all tasks
-    are independent, and go through in blocks of ``EVAL_BLOCK_ELEMENTS``.
+    one process. In eval mode all tasks share one ``embed``.
     """
     t, s = batch.support.shape[:2]
     m = batch.query.shape[1]
@@ -135,12 +148,7 @@ def embed_batch(backbone: nn.Module, batch: EpisodeBatch) -> tuple[torch.Tensor,
                 parts.append(embed_batch(backbone, episode))
                 task_done()
         return torch.cat([p for p, _ in parts]), torch.cat([q for _, q in parts])
-    images = torch.cat([batch.support.flatten(0, 1), batch.query.flatten(0, 1)])
-    if backbone.training or uses_batch_statistics(backbone):  # training, or the batch normalises itself
-        z = backbone(images)
-    else:
-        step = max(1, EVAL_BLOCK_ELEMENTS // images[0].numel())
-        z = torch.cat([backbone(images[first : first + step]) for first in range(0, len(images), step)])
+    z = embed(backbone, torch.cat([batch.support.flatten(0, 1), batch.query.flatten(0, 1)]))
     return z[: t * s].unflatten(0, (t, s)), z[t * s :].unflatten(0, (t, m))
 
 
@@ -212,7 +220,7 @@ class PrototypePredictor:
 
     def __call__(self, query: torch.Tensor) -> torch.Tensor:
         check_query(query, self.example_shape)
-        return self.method.logits(self.method.backbone(query), self.prototypes)
+        return self.method.logits(embed(self.method.backbone, query), self.prototypes)
 
 
 class PrototypicalNetwork(Method):
@@ -288,7 +296,7 @@ class PrototypicalNetwork(Method):
     def adapt(self, support: torch.Tensor, support_labels: torch.Tensor) -> PrototypePredictor:
         """Embed the support set once and keep its prototypes."""
         ways = check_task(support, support_labels)
-        protos = self.prototypes(self.backbone(support), support_labels, ways)
+        protos = self.prototypes(embed(self.backbone, support), support_labels, ways)
         return PrototypePredictor(self, protos, tuple(support.shape[1:]))
 
     def query_logits(self, batch: EpisodeBatch) -> torch.Tensor:

@@ -23,6 +23,7 @@ from fewshot.methods.protonet import (
     check_task,
     class_aggregate,
     classification_metrics,
+    embed,
     embed_batch,
 )
 from fewshot.models.backbones import conv_block
@@ -136,7 +137,7 @@ class RelationPredictor:
 
     def __call__(self, query: torch.Tensor) -> torch.Tensor:
         check_query(query, self.example_shape)
-        return self.method.output(self.method.relations(self.method.embedding(query), self.class_maps))
+        return self.method.output(self.method.relations(embed(self.method.embedding, query), self.class_maps))
 
 
 class RelationNetwork(Method):
@@ -237,7 +238,7 @@ class RelationNetwork(Method):
         """Embed the support set once into one feature map per class."""
         ways = check_task(support, support_labels)
         self._check_image_shape(tuple(support.shape[1:]))
-        maps = self.class_maps(self.embedding(support), support_labels, ways)
+        maps = self.class_maps(embed(self.embedding, support), support_labels, ways)
         return RelationPredictor(self, maps, tuple(support.shape[1:]))
 
     def _batch_relations(self, batch: EpisodeBatch) -> torch.Tensor:
