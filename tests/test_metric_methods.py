@@ -7,9 +7,11 @@ meta-training runs on the synthetic template tasks of ``tests/synthetic.py``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -19,6 +21,7 @@ from torch import nn
 from fewshot.data.episodes import EpisodeBatch
 from fewshot.errors import EpisodeError
 from fewshot.methods import protonet
+from fewshot.methods import relation as relation_module
 from fewshot.methods.base import Method
 from fewshot.methods.matching import MatchingNetwork
 from fewshot.methods.protonet import PrototypicalNetwork, class_aggregate, embed_batch
@@ -78,14 +81,21 @@ def batch(templates) -> EpisodeBatch:
 # --------------------------------------------------------------------------
 
 
-def embed_calls(backbone: nn.Module, batch: EpisodeBatch) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """``embed_batch``'s support and query embeddings, and how many backbone calls made them."""
-    calls = []
-    hook = backbone.register_forward_hook(lambda *_: calls.append(1))
+@contextlib.contextmanager
+def counting_calls(module: nn.Module) -> Iterator[list[int]]:
+    """A list that grows by one at every forward call of ``module`` inside the block."""
+    calls: list[int] = []
+    hook = module.register_forward_hook(lambda *_: calls.append(1))
     try:
-        support, query = embed_batch(backbone, batch)
+        yield calls
     finally:
         hook.remove()
+
+
+def embed_calls(backbone: nn.Module, batch: EpisodeBatch) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``embed_batch``'s support and query embeddings, and how many backbone calls made them."""
+    with counting_calls(backbone) as calls:
+        support, query = embed_batch(backbone, batch)
     return support, query, len(calls)
 
 
@@ -130,12 +140,8 @@ def test_predictors_embed_in_blocks_at_test_time(kind, batch, monkeypatch):
     monkeypatch.setattr(protonet, "EVAL_BLOCK_ELEMENTS", 1 << 62)
     whole = method.adapt(support, labels)(query)
     monkeypatch.setattr(protonet, "EVAL_BLOCK_ELEMENTS", 5 * math.prod(IMAGE))  # blocks of 5 images
-    calls = []
-    hook = backbone.register_forward_hook(lambda *_: calls.append(1))
-    try:
+    with counting_calls(backbone) as calls:
         blocked = method.adapt(support, labels)(query)
-    finally:
-        hook.remove()
     assert len(calls) == math.ceil(len(support) / 5) + math.ceil(len(query) / 5)
     torch.testing.assert_close(blocked, whole, rtol=1e-12, atol=1e-12)
 
@@ -329,6 +335,40 @@ def test_relation_compare_equals_concatenated_pairs(training, lead):
     if training:  # the running statistics took in the same batch statistics
         for a, b in zip(module.buffers(), reference.buffers(), strict=True):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize(("lead", "block"), [((), "queries"), ((3,), "queries"), ((3,), "tasks")])
+def test_relation_test_time_pairs_in_blocks_equal_one_call(lead, block, monkeypatch):
+    """At test time the pairs are scored in blocks (whole tasks, or a task's queries), with
+    one call's numbers; with batch statistics in the relation module, in one call."""
+    torch.manual_seed(0)
+    method = RelationNetwork(IMAGE, hidden=8).double().eval()
+    for bn in (method.relation.convs[0][1], method.relation.convs[1][1]):
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+    m, n, c = 7, 4, 8
+    classes = torch.randn(*lead, n, c, 7, 7, dtype=torch.float64)
+    queries = torch.randn(*lead, m, c, 7, 7, dtype=torch.float64)
+    whole = method.relation.compare(classes, queries)
+
+    pair = 8 * 7 * 7  # first relation layer: 8 channels of 7x7
+    if block == "queries":  # 3 queries a call
+        monkeypatch.setattr(relation_module, "PAIR_BLOCK_ELEMENTS", 3 * n * pair)
+        expected_calls = math.prod(lead) * math.ceil(m / 3)
+    else:  # 2 tasks a call
+        monkeypatch.setattr(relation_module, "PAIR_BLOCK_ELEMENTS", 2 * m * n * pair)
+        expected_calls = math.ceil(math.prod(lead) / 2)
+    with counting_calls(method.relation.fc) as calls:
+        blocked = method.relations(queries, classes)
+    assert len(calls) == expected_calls
+    assert blocked.shape == (*lead, m, n)
+    torch.testing.assert_close(blocked, whole, rtol=1e-12, atol=1e-12)
+
+    convert_batchnorm(method.relation)  # relations normalised by their batch: never cut
+    with counting_calls(method.relation.fc) as calls:
+        together = method.relations(queries, classes)
+    assert len(calls) == 1
+    torch.testing.assert_close(together, method.relation.compare(classes, queries), rtol=0, atol=0)
 
 
 def test_relation_miniimagenet_shape():

@@ -111,7 +111,8 @@ EVAL_BLOCK_ELEMENTS = 1 << 18
 Omniglot images, 12 of mini-ImageNet): a test chunk of 16 tasks of 20 ways
 is 5,120 to 6,400 Omniglot images, whose first-layer activations (1 to 1.3
 GB) would stream through memory in every layer; in blocks, Relation Networks'
-20-way test episodes run 1.5 to 1.7 times faster (benchmarks/relation_speed.py)."""
+20-way test episodes run 1.4 to 2.1 times faster (benchmarks/relation_speed.py,
+two runs)."""
 
 
 def embed(backbone: nn.Module, examples: torch.Tensor) -> torch.Tensor:
