@@ -146,6 +146,14 @@ def test_predictors_embed_in_blocks_at_test_time(kind, batch, monkeypatch):
     torch.testing.assert_close(blocked, whole, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_predictors_take_an_empty_query_set(kind):
+    """No queries give no rows of logits, (0, ways), not an error from deep inside torch."""
+    method = make_method(kind).eval()
+    predictor = method.adapt(torch.rand(6, *IMAGE), torch.arange(3).repeat(2))
+    assert predictor(torch.rand(0, *IMAGE)).shape == (0, 3)
+
+
 def test_protonet_logits_equal_closed_form():
     """-||f(q) - mean_k f(s_k)||^2, computed with explicit loops, on shuffled support."""
     torch.manual_seed(0)

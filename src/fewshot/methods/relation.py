@@ -7,6 +7,7 @@ small network score the pair's relation in [0, 1].
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -114,8 +115,9 @@ class RelationModule(nn.Module):
         conv = (first.stride, first.padding, first.dilation)
         by_class = F.conv2d(class_maps.reshape(-1, c, h, w), first.weight[:, :c], first.bias, *conv)
         by_query = F.conv2d(query_maps.reshape(-1, c, h, w), first.weight[:, c:], None, *conv)
-        by_class = by_class.view(-1, 1, n, *by_class.shape[1:])
-        by_query = by_query.view(-1, m, 1, *by_query.shape[1:])
+        tasks = math.prod(lead)  # explicit, not -1: a task without queries is (..., 0, N)
+        by_class = by_class.view(tasks, 1, n, *by_class.shape[1:])
+        by_query = by_query.view(tasks, m, 1, *by_query.shape[1:])
         pairs = (by_query + by_class).flatten(0, 2)
         return self.fc(self.convs[1](self.convs[0][1:](pairs))).view(*lead, m, n)
 
@@ -231,7 +233,8 @@ class RelationNetwork(Method):
         in blocks of ``PAIR_BLOCK_ELEMENTS`` (whole tasks, or one task's queries
         when a task is larger); in training in one call.
         """
-        if self.relation.training or uses_batch_statistics(self.relation) or query_maps.numel() == 0:
+        empty = query_maps.numel() == 0 or class_maps.numel() == 0
+        if self.relation.training or uses_batch_statistics(self.relation) or empty:
             return self.relation.compare(class_maps, query_maps)
         *lead, m, c, h, w = query_maps.shape
         n = class_maps.shape[-4]
