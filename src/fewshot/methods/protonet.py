@@ -18,7 +18,7 @@ from torch import nn
 from fewshot.data.episodes import EpisodeBatch
 from fewshot.errors import EpisodeError
 from fewshot.methods.base import Method
-from fewshot.models.norm import one_running_update, uses_batch_statistics
+from fewshot.models.norm import one_running_update, outputs_independent
 
 Distance = Literal["euclidean", "cosine"]
 
@@ -123,7 +123,7 @@ def embed(backbone: nn.Module, examples: torch.Tensor) -> torch.Tensor:
     ``EVAL_BLOCK_ELEMENTS``; in training, or when the batch normalises
     itself, in one call.
     """
-    if backbone.training or len(examples) == 0 or uses_batch_statistics(backbone):
+    if len(examples) == 0 or not outputs_independent(backbone):
         return backbone(examples)
     blocks = examples.split(max(1, EVAL_BLOCK_ELEMENTS // examples[0].numel()))
     return torch.cat([backbone(block) for block in blocks])

@@ -28,7 +28,7 @@ from fewshot.methods.protonet import (
     embed_batch,
 )
 from fewshot.models.backbones import conv_block
-from fewshot.models.norm import one_running_update, uses_batch_statistics
+from fewshot.models.norm import one_running_update, outputs_independent
 
 RelationLoss = Literal["mse", "ce"]
 Aggregate = Literal["sum", "mean"]
@@ -234,7 +234,7 @@ class RelationNetwork(Method):
         when a task is larger); in training in one call.
         """
         empty = query_maps.numel() == 0 or class_maps.numel() == 0
-        if self.relation.training or uses_batch_statistics(self.relation) or empty:
+        if empty or not outputs_independent(self.relation):
             return self.relation.compare(class_maps, query_maps)
         *lead, m, c, h, w = query_maps.shape
         n = class_maps.shape[-4]

@@ -126,14 +126,15 @@ class TaskBatchNorm(nn.Module):
         return f"{self.num_features}, eps={self.eps}, affine={self.affine}"
 
 
-def uses_batch_statistics(module: nn.Module) -> bool:
-    """True when some normalisation in ``module`` would normalise by the batch it is given.
+def outputs_independent(module: nn.Module) -> bool:
+    """True when each example's output depends on that example alone, so a batch may be cut.
 
-    Then an example's output depends on the rest of its batch, so a batch
-    must not be cut into pieces; otherwise (every BatchNorm in eval mode on
-    running statistics) each example's output is its own.
+    That needs eval mode (the training path keeps its one call, and a
+    training BatchNorm normalises by its batch) and no normalisation that
+    uses the statistics of the batch it is given (TaskBatchNorm, or
+    BatchNorm without running statistics).
     """
-    return any(
+    return not module.training and not any(
         isinstance(m, TaskBatchNorm)
         or (isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or not m.track_running_stats))
         for m in module.modules()
