@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import http.server
+import io
 import os
 import threading
 import zipfile
@@ -12,11 +13,13 @@ import numpy as np
 import pytest
 import torch
 from fixtures import image_folder, miniimagenet_root, omniglot_root, omniglot_zip
+from PIL import Image
 
 from fewshot.data import store as store_module
 from fewshot.data.datasets import load_dataset, vinyals_characters
 from fewshot.data.download import md5sum
 from fewshot.data.sources import omniglot
+from fewshot.data.store import decode
 from fewshot.errors import CorruptDataError, DataNotFoundError, FewShotError
 
 
@@ -370,3 +373,67 @@ def test_rotation_augmentation_multiplies_classes(tmp_path):
     assert ds.class_names[:4] == ["a/rot000", "a/rot090", "a/rot180", "a/rot270"]
     assert torch.equal(ds.class_images(2), torch.rot90(ds.class_images(0), 2, dims=(-2, -1)))
     assert np.array_equal(ds.counts, [2, 2, 2, 2, 3, 3, 3, 3])
+
+
+# --- decoding users' images as they are displayed ---------------------------------------------
+
+
+def _reopened(image: Image.Image, fmt: str, **save) -> Image.Image:
+    buf = io.BytesIO()
+    image.save(buf, fmt, **save)
+    buf.seek(0)
+    return Image.open(buf)
+
+
+def test_decode_turns_photos_by_their_exif_orientation():
+    halves = np.zeros((40, 80), np.uint8)
+    halves[:, 40:] = 255  # stored: left half black, right half white
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned 90 degrees clockwise: top black, bottom white
+    photo = _reopened(Image.fromarray(halves).convert("RGB"), "JPEG", exif=exif.tobytes(), quality=95)
+    grey = decode(photo, 8, 1, False)[0].astype(int)
+    assert grey[0].mean() < 30 and grey[-1].mean() > 225
+    assert abs(grey[:, 0].mean() - grey[:, -1].mean()) < 30
+
+
+def test_decode_puts_transparent_images_on_white():
+    stroke = np.zeros((32, 32, 4), np.uint8)
+    stroke[8:24, 14:18] = (0, 0, 0, 255)  # opaque black ink; elsewhere transparent black
+    for image in (Image.fromarray(stroke, "RGBA"), Image.fromarray(stroke, "RGBA").convert("LA")):
+        grey = decode(image, 32, 1, False)[0]
+        assert grey[0, 0] == 255 and grey[16, 16] == 0
+        assert decode(image, 32, 1, True)[0, 0, 0] == 0  # inverted: dark paper, bright ink
+    palette = Image.new("P", (16, 16), 0)
+    palette.putpalette([0, 0, 0, 255, 255, 255])
+    palette.info["transparency"] = 0
+    assert (decode(_reopened(palette, "PNG"), 8, 3, False) == 255).all()
+
+
+def test_decode_scales_16_bit_grey_to_8_bits():
+    ramp = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+    scan = _reopened(Image.fromarray(ramp), "PNG")
+    assert scan.mode.startswith("I;16")
+    grey = decode(scan, 64, 1, False)[0].astype(int)
+    assert np.abs(grey - np.rint(ramp / 257)).max() <= 1
+    assert np.array_equal(decode(scan, 64, 3, False), np.repeat(grey[None], 3, axis=0))
+
+
+def test_two_folders_of_one_name_keep_their_own_caches(tmp_path, monkeypatch, isolated_cache):
+    first = image_folder(tmp_path / "a" / "data", {"x": 2, "y": 2})
+    second = image_folder(tmp_path / "b" / "data", {"u": 3, "v": 3})
+    calls = _count_decodes(monkeypatch)
+    for _ in range(2):
+        assert load_dataset(str(first), "all", image_size=6, progress=False).class_names == ["x", "y"]
+        assert load_dataset(str(second), "all", image_size=6, progress=False).class_names == ["u", "v"]
+    assert calls[0] == 4 + 6  # each decoded once
+    assert len(list((isolated_cache / "stores").iterdir())) == 2
+
+
+def test_class_folder_without_images_is_named(tmp_path, caplog):
+    root = image_folder(tmp_path / "mine", {"a": 2, "b": 2})
+    (root / "c" / "nested").mkdir(parents=True)
+    (root / "c" / "photo.heic").write_bytes(b"")
+    with caplog.at_level("WARNING"):
+        ds = load_dataset(str(root), "all", image_size=6, progress=False)
+    assert ds.class_names == ["a", "b"]
+    assert "'c' (nested/, photo.heic)" in caplog.text and "left out" in caplog.text

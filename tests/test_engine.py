@@ -484,10 +484,28 @@ def test_support_folder_problems(trained_run, tmp_path, capsys):
     empty = tmp_path / "empty"
     (empty / "a").mkdir(parents=True)
     assert main(["predict", str(trained_run), "--support", str(empty), "--query", str(query)]) == 2
+    assert "class folder(s) 'a' (empty) hold no image file" in capsys.readouterr().err
+    (empty / "a").rmdir()
+    assert main(["predict", str(trained_run), "--support", str(empty), "--query", str(query)]) == 2
     assert "no class folders with images" in capsys.readouterr().err
+    dropped = image_folder(tmp_path / "dropped", {"a": 2, "b": 2})
+    (dropped / "c" / "nested").mkdir(parents=True)  # a class the predictor could never choose
+    assert main(["predict", str(trained_run), "--support", str(dropped), "--query", str(query)]) == 2
+    assert "'c' (nested/) hold no image file" in capsys.readouterr().err
     single = image_folder(tmp_path / "single", {"only": 3})
     assert main(["predict", str(trained_run), "--support", str(single), "--query", str(query)]) == 2
     assert "needs at least 2 classes" in capsys.readouterr().err
+
+
+def test_query_folder_skips_hidden_files(trained_run, tmp_path, capsys):
+    support = image_folder(tmp_path / "support", {"a": 2, "b": 2})
+    queries = image_folder(tmp_path / "queries", {"shots": 2})
+    (queries / "shots" / "._000.png").write_bytes(b"\0\5\26\7")  # macOS resource fork
+    image_folder(queries / ".ipynb_checkpoints", {"old": 1})
+    args = ["predict", str(trained_run), "--support", str(support), "--query", str(queries), "--json"]
+    assert main(args) == 0
+    paths = [json.loads(line)["path"] for line in capsys.readouterr().out.splitlines()]
+    assert [Path(p).relative_to(queries).as_posix() for p in paths] == ["shots/000.png", "shots/001.png"]
 
 
 def test_query_that_is_not_an_image(trained_run, tmp_path, capsys):

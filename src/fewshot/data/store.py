@@ -21,15 +21,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from fewshot.data.sources.base import Source
 
 log = logging.getLogger(__name__)
 
-FORMAT = 2
-"""Bump when the decoded layout changes, so that old caches are rebuilt."""
+FORMAT = 3
+"""Bump when the decoded layout changes, so that old caches are rebuilt (3: EXIF turns, alpha, 16-bit)."""
 
 
 @dataclass
@@ -76,10 +76,28 @@ def store_key(source: Source, image_size: int) -> str:
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
 
 
+def eight_bit(image: Image.Image) -> Image.Image:
+    """The image as it is displayed, in 8 bits a channel ("L" or "RGB" or "CMYK" ...).
+
+    ``convert`` alone would show a photo sideways (it ignores the EXIF
+    orientation a camera writes), turn a transparent background into the
+    colour hidden under it (often black, so black ink vanishes), and clip
+    16-bit grey (medical scans) to white instead of scaling it.
+    """
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    if image.mode.startswith("I;16"):
+        grey = np.asarray(image, dtype=np.float64) * (255 / 65535)
+        return Image.fromarray(np.rint(grey).astype(np.uint8), "L")
+    return image
+
+
 def decode(image: Image.Image, image_size: int, channels: int, invert: bool) -> np.ndarray:
     """One PIL image to a (C, size, size) uint8 array: the one decoding of training and prediction."""
     mode = "L" if channels == 1 else "RGB"
-    image = image.convert(mode).resize((image_size, image_size), Image.Resampling.LANCZOS)
+    image = eight_bit(image).convert(mode).resize((image_size, image_size), Image.Resampling.LANCZOS)
     arr = np.asarray(image, dtype=np.uint8)
     if invert:
         arr = 255 - arr
@@ -114,7 +132,7 @@ def build(source: Source, image_size: int, progress: bool = True) -> tuple[np.nd
 
 
 def _store_dir(cache: Path, source: Source, image_size: int, key: str) -> Path:
-    return cache / "stores" / f"{source.name}-{image_size}px-{key[:16]}"
+    return cache / "stores" / f"{source.cache_name()}-{image_size}px-{key[:16]}"
 
 
 def _read(folder: Path, key: str, mmap: bool) -> Store | None:

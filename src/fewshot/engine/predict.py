@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from fewshot.data.sources.base import IMAGE_SUFFIXES, open_image
+from fewshot.data.sources.base import IMAGE_SUFFIXES, hidden, open_image
 from fewshot.data.sources.folder import FolderSource
 from fewshot.data.store import decode
 from fewshot.data.transforms import to_float
@@ -46,7 +46,11 @@ def query_files(paths: list[str]) -> list[Path]:
     out: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            out += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            out += sorted(
+                f
+                for f in p.rglob("*")
+                if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES and not hidden(f, p)
+            )
         elif p.is_file():
             out.append(p)
         else:
@@ -60,7 +64,7 @@ def predict(
     method: Method, preprocess: dict[str, Any], support_dir: str | Path, queries: list[str]
 ) -> list[Prediction]:
     """Adapt ``method`` to the support folder and label every query image."""
-    source = FolderSource(Path(support_dir), channels=int(preprocess["channels"]))
+    source = FolderSource(Path(support_dir), channels=int(preprocess["channels"]), strict=True)
     classes = source.classes()
     if len(classes) < 2:
         raise FewShotError(

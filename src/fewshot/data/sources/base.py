@@ -18,7 +18,7 @@ from PIL import Image, UnidentifiedImageError
 
 from fewshot.errors import CorruptDataError
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".jfif", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,10 @@ class Source(ABC):
     def describe_item(self, item: Any) -> str:
         return str(item)
 
+    def cache_name(self) -> str:
+        """The name of this source's cache folders: one source, one name (stale ones are replaced)."""
+        return self.name
+
 
 def file_identity(path: Path) -> dict[str, Any]:
     """Name, size and modification time: cheap, and changes when the file does."""
@@ -95,6 +99,11 @@ def class_folders(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
+def hidden(path: Path, root: Path) -> bool:
+    """Whether ``path`` is or lies in a hidden entry below ``root`` (``.DS_Store``, ``.git/``)."""
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
 def tree_identity(files: list[Path], root: Path) -> dict[str, Any]:
     """Identity of many files: a digest of (relative path, size, mtime) rows."""
     import hashlib
@@ -112,6 +121,7 @@ __all__ = [
     "SourceClass",
     "class_folders",
     "file_identity",
+    "hidden",
     "list_images",
     "open_image",
     "tree_identity",
