@@ -111,7 +111,7 @@ class EvalConfig(Section):
     """Meta-testing: a fixed, seeded set of episodes."""
 
     episodes: int = Field(600, ge=1)
-    seed: int = 2017
+    seed: int = Field(2017, ge=0)
     ways: int | None = Field(None, ge=1)
     shots: int | None = Field(None, ge=1)
     queries: int = Field(15, ge=1)
@@ -132,7 +132,7 @@ class Config(Section):
 
     name: str = "run"
     description: str = ""
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     task: Literal["classification", "sinusoid"] = "classification"
     data: DataConfig = DataConfig()
     method: MethodConfig = MethodConfig()

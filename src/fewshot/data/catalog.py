@@ -8,11 +8,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from fewshot.data import paths
-from fewshot.data.datasets import DATASETS, OMNIGLOT_SPLITS, load_dataset, source_for
+from fewshot.data.datasets import DATASETS, OMNIGLOT_SPLITS, folder_splits, load_dataset, source_for
 from fewshot.data.render import render_episode
 from fewshot.data.sampler import EpisodeSampler
 from fewshot.data.sources import miniimagenet, omniglot
-from fewshot.data.store import load_store
+from fewshot.data.sources.folder import FolderSource
+from fewshot.data.store import Store, load_store
 from fewshot.errors import FewShotError
 
 
@@ -21,9 +22,7 @@ def splits_of(name: str) -> tuple[str, ...]:
         return OMNIGLOT_SPLITS
     if name == "miniimagenet":
         return miniimagenet.SPLITS
-    root = Path(name.removeprefix("folder:"))
-    present = tuple(d for d in ("train", "val", "test") if (root / d).is_dir())
-    return present or ("all",)
+    return folder_splits(Path(name.removeprefix("folder:")))
 
 
 def list_datasets(data_root: str | None = None) -> list[str]:
@@ -52,20 +51,39 @@ def prepare(
 def verify(
     name: str, data_root: str | None = None, image_size: int | None = None, download: bool = True
 ) -> list[str]:
-    """Check a dataset's integrity (Omniglot: 50 alphabets, 1,623 characters, 20 drawings each)."""
+    """Check a dataset's integrity (Omniglot: 50 alphabets, 1,623 characters, 20 drawings each).
+
+    A folder is checked split by split through ``load_dataset``, as ``prepare``
+    and training read it, so a train/val/test layout is verified as such.
+    """
     source = source_for(name, data_root, download=download)
-    lines = omniglot.verify(source) if isinstance(source, omniglot.OmniglotSource) else []
-    default = {"omniglot": 28}.get(name, 84)
-    store = load_store(source, image_size or default, paths.cache_root())
-    counts = store.counts
-    if len(store) == 0 or counts.min() < 1:
-        raise FewShotError(f"{name} has an empty class: {store.class_names[int(counts.argmin())]}")
-    lines.append(
-        f"decoded store: {len(store)} classes, {int(counts.sum())} images "
-        f"({int(counts.min())}-{int(counts.max())} per class), cache {store.path}"
-    )
+    if isinstance(source, FolderSource):
+        lines = []
+        for split in splits_of(name):
+            ds = load_dataset(name, split, data_root=data_root, image_size=image_size, download=download)
+            lines.append(_store_line(ds.store, name, split))
+    else:
+        lines = omniglot.verify(source) if isinstance(source, omniglot.OmniglotSource) else []
+        default = {"omniglot": 28}.get(name, 84)
+        lines.append(_store_line(load_store(source, image_size or default, paths.cache_root()), name))
     lines.append("ok")
     return lines
+
+
+def _store_line(store: Store, what: str, split: str = "") -> str:
+    """One line on the decoded store of ``what`` (and ``split``); raises if a class has no image."""
+    where = f"{what} split {split!r}" if split else what
+    if len(store) == 0:
+        raise FewShotError(f"{where} has no classes; check that its files are where they are looked for.")
+    counts = store.counts
+    if counts.min() < 1:
+        raise FewShotError(
+            f"{where} has an empty class: {store.class_names[int(counts.argmin())]}; add images to it."
+        )
+    return (
+        f"decoded store{f' ({split} split)' if split else ''}: {len(store)} classes, "
+        f"{int(counts.sum())} images ({int(counts.min())}-{int(counts.max())} per class), cache {store.path}"
+    )
 
 
 def show(

@@ -18,7 +18,7 @@ import torch
 from fewshot.data import paths
 from fewshot.data.download import Fetch
 from fewshot.data.sources import miniimagenet, omniglot
-from fewshot.data.sources.base import Source
+from fewshot.data.sources.base import IMAGE_SUFFIXES, Source, class_folders
 from fewshot.data.sources.folder import FolderSource
 from fewshot.data.store import Store, load_store
 from fewshot.data.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -27,11 +27,21 @@ from fewshot.errors import DataNotFoundError, FewShotError
 ROTATIONS = (0, 90, 180, 270)
 ROTATION_NAMES = tuple(f"rot{r:03d}" for r in ROTATIONS)
 """How a class name says its rotation: ``Alphabet/characterNN/rot090``."""
+_ROTATION_SUFFIXES = tuple(f"/{r}" for r in ROTATION_NAMES)
 
 
 def rotated_classes(characters: list[str]) -> list[str]:
     """Each character as four classes, one per rotation, in the Vinyals files' order."""
     return [f"{c}/{r}" for c in characters for r in ROTATION_NAMES]
+
+
+def _rotated_twice(name: str, split: str, example: str) -> FewShotError:
+    """The error for adding rotations to a split that already has them as classes."""
+    return FewShotError(
+        f"{name} split {split!r} already has rotations as classes ({example}), so rotations=True "
+        "(the config's data.rotations) would give every class several labels; leave data.rotations "
+        "off for this split, or use the 'background' or 'evaluation' split to add rotations."
+    )
 
 
 @dataclass
@@ -78,7 +88,18 @@ class FewShotDataset:
         return int(self.counts.sum())
 
     def with_rotations(self) -> FewShotDataset:
-        """Each class four times, rotated by 0/90/180/270 degrees: 4x the classes."""
+        """Each class four times, rotated by 0/90/180/270 degrees: 4x the classes.
+
+        Refused for a split whose classes already are rotations (Omniglot's Vinyals
+        splits): rotating again would put one class under several labels.
+        """
+        rotated = [
+            n
+            for n, r in zip(self.class_names, self.rotation, strict=True)
+            if r or n.endswith(_ROTATION_SUFFIXES)
+        ]
+        if rotated:
+            raise _rotated_twice(self.name, self.split, f"e.g. {rotated[0]!r}")
         k = np.arange(4)
         return replace(
             self,
@@ -110,7 +131,21 @@ class FewShotDataset:
 
 
 def _subset(name: str, split: str, store: Store, names: list[str], **norm) -> FewShotDataset:
-    index = {n: i for i, n in enumerate(store.class_names)}
+    """The split whose classes are the store classes called ``names``.
+
+    Store class names must be unique: a split must never pick up another
+    split's class of the same name.
+    """
+    index: dict[str, int] = {}
+    for i, n in enumerate(store.class_names):
+        if n in index:
+            groups = store.groups or [""] * len(store)
+            where = f" (in {groups[index[n]]!r} and {groups[i]!r})" if groups[i] else ""
+            raise FewShotError(
+                f"{name} has two classes named {n!r}{where}, so split {split!r} cannot tell them apart; "
+                "give every class a unique name (a class belongs to one split)."
+            )
+        index[n] = i
     missing = [n for n in names if n not in index]
     if missing:
         raise DataNotFoundError(
@@ -138,6 +173,7 @@ DATASETS = {
     "x 600 images, 84x84 RGB. Splits: train, val, test.",
     "folder:DIR": "Your own images: DIR/<class>/<images>; split 'all', or DIR/{train,val,test}/<class>/.",
 }
+FOLDER_SPLITS = ("train", "val", "test")
 
 
 def vinyals_characters(data_root: Path | None, split: str) -> list[str]:
@@ -155,11 +191,17 @@ def vinyals_characters(data_root: Path | None, split: str) -> list[str]:
         if folder is not None:
             lines = []
             for part in parts:
-                lines += (folder / f"{part}.txt").read_text().split()
+                lines += (folder / f"{part}.txt").read_text(encoding="utf-8-sig").split()
             return lines
     packaged = resources.files("fewshot.data") / "splits" / "omniglot_vinyals"
-    chars = [c for part in parts for c in (packaged / f"{part}.txt").read_text().split()]
+    chars = [c for part in parts for c in (packaged / f"{part}.txt").read_text(encoding="utf-8-sig").split()]
     return rotated_classes(chars)
+
+
+def _split_lines(path: Path) -> list[tuple[int, str]]:
+    """(line number, text) of a split file's non-blank lines; a UTF-8 byte-order mark is dropped."""
+    text = path.read_text(encoding="utf-8-sig")
+    return [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
 
 
 def class_list(path: Path) -> list[str]:
@@ -175,7 +217,7 @@ def class_list(path: Path) -> list[str]:
             f"Split file {path} does not exist. Give a named split "
             f"({', '.join(OMNIGLOT_SPLITS)}) or an existing .txt file of classes, one per line."
         )
-    lines = [(n, text.strip()) for n, text in enumerate(path.read_text().splitlines(), 1) if text.strip()]
+    lines = _split_lines(path)
     if not lines:
         raise DataNotFoundError(f"Split file {path} lists no classes; write one class per line.")
     seen: dict[str, int] = {}  # class -> line number, in file order
@@ -202,6 +244,22 @@ def _omniglot_classes(split: str, data_root: Path | None) -> list[str] | None:
     if split in ("background", "evaluation"):
         return None
     return vinyals_characters(data_root, split) if split in OMNIGLOT_SPLITS else class_list(Path(split))
+
+
+def _rotated_split(split: str, lines: list[str]) -> list[str]:
+    """A split of plain characters as four rotated classes per character (as the Vinyals splits).
+
+    Refused if the split already lists rotations as classes: rotating them again
+    would put one class under several labels.
+    """
+    if split in OMNIGLOT_SPLITS:
+        example = next((line for line in lines if not line.endswith("/rot000")), lines[0])
+        raise _rotated_twice("omniglot", split, f"e.g. {example!r}")
+    listed = [(n, line) for n, line in _split_lines(Path(split)) if line.count("/") == 2]
+    if listed:
+        n, line = next(((n, line) for n, line in listed if not line.endswith("/rot000")), listed[0])
+        raise _rotated_twice("omniglot", split, f"line {n}: {line!r}")
+    return rotated_classes([line.removesuffix("/rot000") for line in lines])
 
 
 def _omniglot(split: str, lines: list[str] | None, store: Store) -> FewShotDataset:
@@ -254,17 +312,20 @@ def load_dataset(
     """A split of a dataset, decoded (once, then from the cache) and ready for episodes.
 
     ``rotations=True`` adds the 90/180/270-degree rotations of every class as
-    new classes (Omniglot's Vinyals splits already include them).
+    new classes; it is an error for a split that already has them (Omniglot's
+    Vinyals splits, a split file listing ``/rotDDD`` classes).
     """
     source = source_for(name, data_root, cache, download, fetch, channels)
     root = paths.data_root(data_root)
     if name == "omniglot":
-        if split not in OMNIGLOT_SPLITS and not split.endswith(".txt"):
+        if split not in OMNIGLOT_SPLITS and not split.lower().endswith(".txt"):
             raise FewShotError(
                 f"Omniglot has no split {split!r}; choose one of {', '.join(OMNIGLOT_SPLITS)}, "
                 "or give a .txt file of classes (one Alphabet/characterNN[/rotDDD] per line)."
             )
         lines = _omniglot_classes(split, root)
+        if rotations and lines is not None:  # checked and expanded before any image is decoded
+            lines, rotations = _rotated_split(split, lines), False
         store = load_store(source, image_size or 28, paths.cache_root(cache), mmap, progress)
         ds = _omniglot(split, lines, store)
     elif name == "miniimagenet":
@@ -277,18 +338,58 @@ def load_dataset(
     return ds.with_rotations() if rotations else ds
 
 
+def _holds_images(folder: Path) -> bool:
+    """Whether ``folder`` has an image file directly inside (stops at the first)."""
+    return any(
+        p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file()
+        for p in folder.iterdir()
+    )
+
+
+def _hold(folders: list[str]) -> str:
+    """``train/ holds`` or ``bus/, train/ hold``: the subject of an error message."""
+    return ", ".join(f"{f}/" for f in folders) + (" holds" if len(folders) == 1 else " hold")
+
+
+def folder_splits(root: Path) -> tuple[str, ...]:
+    """The splits of a user's folder: its train/val/test folders, or ``("all",)`` for class folders.
+
+    A class may itself be called train, val or test (bus/, car/, train/), so a
+    sub-folder is a split folder only if it holds class folders, and the root has
+    split folders only if none of its sub-folders holds images directly; a folder
+    that looks like both is an error naming the clash.
+    """
+    present = [d for d in FOLDER_SPLITS if (root / d).is_dir()]
+    if not present:
+        return ("all",)
+    as_split = [d for d in present if any(_holds_images(c) for c in class_folders(root / d))]
+    as_class = [d.name for d in class_folders(root) if _holds_images(d)]
+    if as_split and as_class:
+        raise FewShotError(
+            f"{root} mixes two layouts: {_hold(as_split)} class folders (a train/val/test split) "
+            f"but {_hold(as_class)} images directly (a class); make it one layout: every class folder "
+            "inside train/, val/ or test/, or a plain folder of classes each holding its images directly."
+        )
+    return ("all",) if as_class else tuple(present)
+
+
 def _folder_dataset(
     source: FolderSource, split: str, image_size: int, cache, mmap: bool, progress: bool
 ) -> FewShotDataset:
     """A folder dataset: ``all`` classes, or the classes of a train/val/test sub-folder."""
-    split_dirs = [d for d in ("train", "val", "test") if (source.root / d).is_dir()]
-    if split_dirs:
-        if split not in split_dirs:
-            raise FewShotError(
-                f"{source.root} has split folders {', '.join(split_dirs)}; no {split!r} split."
-            )
+    splits = folder_splits(source.root)
+    if splits != ("all",):
+        if split not in splits:
+            raise FewShotError(f"{source.root} has split folders {', '.join(splits)}; no {split!r} split.")
         source = FolderSource(source.root / split, source.channels, f"{source.name}-{split}")
     elif split != "all":
+        classes = [d for d in FOLDER_SPLITS if (source.root / d).is_dir() and _holds_images(source.root / d)]
+        if classes:
+            raise FewShotError(
+                f"{source.root} has no {split!r} split: it is a folder of class folders (one split, "
+                f"'all'), as {_hold(classes)} images directly (a class, not a split folder); "
+                "use split 'all', or put class folders inside train/, val/ and test/."
+            )
         raise FewShotError(
             f"{source.root} has no {split!r} sub-folder: a folder of class folders has the one split "
             "'all'; to use train/val/test, make sub-folders train/, val/, test/ each holding class folders."

@@ -64,6 +64,11 @@ class EpisodeSampler(torch.utils.data.Dataset):
         check_episode_shape(dataset, ways, shots, queries)
         if tasks < 1:
             raise EpisodeError(f"tasks per batch must be at least 1, got {tasks}.")
+        if not isinstance(seed, int | np.integer) or seed < 0:  # numpy would fail only at the first episode
+            raise EpisodeError(
+                f"The episode seed must be a whole number of at least 0, got {seed!r}; set seed "
+                "(training), eval.seed (evaluation) or --seed to 0 or more."
+            )
         self.dataset = dataset
         self.ways, self.shots, self.queries, self.tasks = ways, shots, queries, tasks
         self.seed = seed

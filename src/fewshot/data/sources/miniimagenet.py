@@ -28,6 +28,24 @@ def split_csv(folder: Path, split: str) -> Path | None:
     return None
 
 
+def _rows(path: Path) -> list[tuple[int, str, str]]:
+    """(line number, filename, label) of a split CSV, fields stripped and blank rows skipped.
+
+    Stray spaces or a byte-order mark must not make ``n01 `` a class of its own.
+    """
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f)
+        rows = [(reader.line_num, [c.strip() for c in row]) for row in reader if any(c.strip() for c in row)]
+    if not rows or rows[0][1] != ["filename", "label"]:
+        raise CorruptDataError(f"{path} must start with the header 'filename,label'.")
+    for lineno, row in rows[1:]:
+        if len(row) != 2 or not all(row):
+            raise CorruptDataError(
+                f"{path}, line {lineno}: expected 'filename,label', got {','.join(row)!r}."
+            )
+    return [(lineno, row[0], row[1]) for lineno, row in rows[1:]]
+
+
 class MiniImageNetSource(Source):
     """All classes of the three split CSVs (train, val, test order), grouped by split."""
 
@@ -54,16 +72,26 @@ class MiniImageNetSource(Source):
     def classes(self) -> list[SourceClass]:
         if self._classes is None:
             classes: list[SourceClass] = []
+            seen_files: dict[str, tuple[Path, int]] = {}  # filename -> (CSV, line) first listing it
+            seen_labels: dict[str, Path] = {}  # label -> the CSV that has it
             for split, path in self._csvs().items():
                 by_label: dict[str, list[Path]] = {}
-                with open(path, newline="") as f:
-                    rows = list(csv.reader(f))
-                if not rows or [c.strip() for c in rows[0]] != ["filename", "label"]:
-                    raise CorruptDataError(f"{path} must start with the header 'filename,label'.")
-                for lineno, row in enumerate(rows[1:], start=2):
-                    if len(row) != 2:
-                        raise CorruptDataError(f"{path}, line {lineno}: expected 'filename,label'.")
-                    by_label.setdefault(row[1], []).append(self.images / row[0])
+                for lineno, filename, label in _rows(path):
+                    if filename in seen_files:
+                        first, n = seen_files[filename]
+                        raise CorruptDataError(
+                            f"{path}, line {lineno}: image {filename!r} is listed again (first in "
+                            f"{first} line {n}); list each image once, in one class of one split."
+                        )
+                    seen_files[filename] = (path, lineno)
+                    other = seen_labels.get(label, path)
+                    if other != path:
+                        raise CorruptDataError(
+                            f"{path}, line {lineno}: label {label!r} is also a class of {other}; a class "
+                            "belongs to one split, so remove its rows from one of the two files."
+                        )
+                    seen_labels[label] = path
+                    by_label.setdefault(label, []).append(self.images / filename)
                 for label, files in sorted(by_label.items()):
                     classes.append(SourceClass(label, tuple(files), split))
             missing = [p for c in classes for p in c.items[:1] if not p.is_file()]
