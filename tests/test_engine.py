@@ -298,7 +298,7 @@ def test_non_finite_loss_stops_with_saved_state(tmp_path, dataset_root):
 
     PrototypicalNetwork.loss = poisoned
     try:
-        with pytest.raises(TrainingStopped, match="loss became nan at step 0"):
+        with pytest.raises(TrainingStopped, match="loss became nan in step 1"):
             train(config, tmp_path / "run", progress=False)
     finally:
         PrototypicalNetwork.loss = original
@@ -523,3 +523,174 @@ def test_dataloader_workers_train_the_same_weights(tmp_path, dataset_root):
     train(load_config(str(path), ["data.num_workers=2"]), tmp_path / "workers", progress=False)
     a, b = _weights(tmp_path / "main"), _weights(tmp_path / "workers")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --- non-finite stops, run files, resumed settings, signals at the end ---------------------------
+
+
+def _protonet_loss_with(monkeypatch, after_call: int, poison) -> None:
+    """Make the ``after_call``-th Prototypical Networks loss (the step of that number) call ``poison``."""
+    from fewshot.methods.protonet import PrototypicalNetwork
+
+    original, calls = PrototypicalNetwork.loss, []
+
+    def loss(self, batch):
+        out = original(self, batch)
+        calls.append(1)
+        if len(calls) == after_call:
+            poison(self)
+        return out
+
+    monkeypatch.setattr(PrototypicalNetwork, "loss", loss)
+
+
+def test_non_finite_buffer_keeps_the_last_good_checkpoint_and_resumes_at_a_lower_rate(
+    tmp_path, dataset_root, monkeypatch
+):
+    schedule = {"steps": 6, "val_every": 100, "checkpoint_every": 2, "schedule": "step", "step_size": 2}
+    path = write_config(tmp_path, dataset_root, {"name": "protonet"}, train=schedule)
+    run = tmp_path / "run"
+
+    def overflow_running_var(method) -> None:  # the loss stays finite: training uses batch statistics
+        next(b for n, b in method.named_buffers() if n.endswith("running_var")).fill_(math.inf)
+
+    _protonet_loss_with(monkeypatch, 3, overflow_running_var)
+    with pytest.raises(TrainingStopped, match=r"buffer \S+running_var became non-finite in step 3") as stop:
+        train(load_config(str(path)), run, progress=False)
+    message = str(stop.value)
+    assert "last good state (step 2)" in message
+    assert f"fewshot train --run-dir {run} --resume --set train.lr=0.0001 --set train.grad_clip=1" in message
+    state = checkpoint.load(run / "checkpoints" / "last.pt")
+    assert (state["step"], state["stopped"]) == (2, "non-finite")
+    assert all(torch.isfinite(t).all() for t in state["method"].values() if t.is_floating_point())
+    monkeypatch.undo()
+
+    with pytest.raises(RunMismatch, match="method.scale: None in the run, 3.0 now"):  # only the cures
+        train(load_config(str(path), ["train.lr=0.0001", "method.scale=3"]), run, resume=True, progress=False)
+    cured = load_config(str(path), ["train.lr=0.0001", "train.grad_clip=1"])
+    assert train(cured, run, resume=True, progress=False).steps == 6
+    state = checkpoint.load(run / "checkpoints" / "last.pt")
+    assert "stopped" not in state
+    assert state["resumed_changes"] == ["from step 2: train.grad_clip None -> 1.0, train.lr 0.001 -> 0.0001"]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rates = {r["step"]: r["lr"] for r in records if "loss" in r}
+    assert rates[2] == pytest.approx(0.001 * 0.5)
+    for step in (3, 4, 5, 6):  # the step schedule goes on from step 2 at the new base rate
+        assert rates[step] == pytest.approx(0.0001 * 0.5 ** (step // 2)), step
+
+
+def test_non_finite_gradient_norm_stops_before_the_optimiser_step(tmp_path, dataset_root, monkeypatch):
+    path = write_config(tmp_path, dataset_root, {"name": "protonet"}, train={"grad_clip": 5.0})
+
+    def infinite_gradient(method) -> None:
+        next(iter(method.parameters())).register_hook(lambda g: torch.full_like(g, math.inf))
+
+    _protonet_loss_with(monkeypatch, 1, infinite_gradient)
+    with pytest.raises(TrainingStopped, match=r"gradient norm became inf in step 1.*grad_clip=0.5"):
+        train(load_config(str(path)), tmp_path / "run", progress=False)
+    state = checkpoint.load(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert state["step"] == 0 and all(torch.isfinite(t).all() for t in state["method"].values())
+
+
+def test_a_new_run_starts_its_metrics_anew(tmp_path, dataset_root):
+    path = write_config(tmp_path, dataset_root, {"name": "protonet"}, train={"steps": 2})
+    run = tmp_path / "run"
+    run.mkdir()  # a run that died before its first checkpoint left its records
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 9.5}\n{"step": 2, "loss": 9.5}\n')
+    train(load_config(str(path)), run, progress=False)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2]
+    assert all(r["loss"] != 9.5 for r in records if "loss" in r)
+
+
+def test_resume_keeps_the_validation_task(tmp_path, dataset_root):
+    base = load_config("protonet-omniglot-5w1s")
+    for setting in ("eval.ways=20", "eval.shots=5", "eval.queries=5", "eval.seed=7"):
+        conflicts = resume_conflicts(base, load_config("protonet-omniglot-5w1s", [setting]))
+        assert [c.split(":")[0] for c in conflicts] == [setting.split("=")[0]]
+    assert (
+        resume_conflicts(base, load_config("protonet-omniglot-5w1s", ["eval.episodes=9", "eval.chunk=3"]))
+        == []
+    )
+
+    path = write_config(tmp_path, dataset_root, {"name": "protonet"})
+    with pytest.raises(Interrupted):
+        train(load_config(str(path)), tmp_path / "run", progress=False, stop_at=2)
+    with pytest.raises(RunMismatch, match=r"eval.queries: 2 in the run, 1 now\. Resume with the run's own"):
+        train(load_config(str(path), ["eval.queries=1"]), tmp_path / "run", resume=True, progress=False)
+    neutral = load_config(str(path), ["eval.episodes=3", "eval.chunk=2"])
+    assert train(neutral, tmp_path / "run", resume=True, progress=False).steps == 4
+
+
+def test_test_evaluation_after_a_resume_uses_the_current_eval_settings(tmp_path, dataset_root, capsys):
+    path = write_config(tmp_path, dataset_root, {"name": "protonet"}, train={"steps": 2})
+    run = tmp_path / "run"
+    assert main(["train", str(path), "--run-dir", str(run)]) == 0
+    assert json.loads((run / "eval.json").read_text())["episodes"] == 6
+    assert main(["train", "--run-dir", str(run), "--resume", "--set", "eval.episodes=5"]) == 0
+    assert json.loads((run / "eval.json").read_text())["episodes"] == 5
+    assert "test accuracy" in capsys.readouterr().out
+
+
+def test_resume_skips_a_metrics_line_cut_short(tmp_path, dataset_root):
+    from fewshot.engine.plots import learning_curve
+
+    path = write_config(tmp_path, dataset_root, {"name": "protonet"}, train={"checkpoint_every": 100})
+    run = tmp_path / "run"
+    with pytest.raises(Interrupted):
+        train(load_config(str(path)), run, progress=False, stop_at=3)
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "loss": 0.')  # killed mid-write
+    learning_curve(run / "metrics.jsonl", tmp_path / "curve.png")
+    train(load_config(str(path)), run, resume=True, progress=False)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+
+
+def test_data_root_is_taken_as_given(tmp_path, dataset_root, monkeypatch):
+    import fewshot.engine.train as engine
+
+    seen = []
+
+    def recorded(config, run_dir, resume=False):
+        seen.append(config.data.data_root)
+        raise FewShotError("recorded")
+
+    monkeypatch.setattr(engine, "train", recorded)
+    path = write_config(tmp_path, dataset_root, {"name": "protonet"})
+    roots = [f"{tmp_path}/my data #2", "2024", "null"]  # not a comment, a number or None
+    for root in roots:
+        assert main(["train", str(path), "--run-dir", str(tmp_path / "run"), "--data-root", root]) == 2
+    assert seen == roots
+
+
+def test_signal_in_the_last_step_says_training_is_complete(tmp_path, dataset_root, monkeypatch, capsys):
+    from fewshot.engine.train import Trainer
+
+    path = write_config(tmp_path, dataset_root, {"name": "protonet"})
+    run = tmp_path / "run"
+    original = Trainer.validate
+
+    def signalled_in_the_final_validation(self):
+        if self.step == self.config.train.steps:
+            signal.raise_signal(signal.SIGINT)
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "validate", signalled_in_the_final_validation)
+    assert main(["train", str(path), "--run-dir", str(run)]) == 130
+    err = capsys.readouterr().err
+    assert "Training is complete (4/4 steps" in err and "before the test evaluation" in err
+    assert f"fewshot train --run-dir {run} --resume" in err and not (run / "eval.json").exists()
+    monkeypatch.undo()
+    assert main(["train", "--run-dir", str(run), "--resume"]) == 0
+    assert (run / "eval.json").is_file()
+
+
+def test_checkpoints_get_the_umask_mode(tmp_path):
+    old = os.umask(0o022)
+    try:
+        path = checkpoint.save_atomic({"config": "", "step": 0}, tmp_path / "checkpoints" / "last.pt")
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644
+    assert [p.name for p in path.parent.iterdir()] == ["last.pt"]

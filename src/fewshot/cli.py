@@ -117,6 +117,7 @@ def _presets() -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
+    import dataclasses
     from pathlib import Path
 
     from fewshot.config import ConfigError, load_config
@@ -125,8 +126,6 @@ def _train(args: argparse.Namespace) -> None:
     from fewshot.engine.train import train
 
     overrides = list(args.overrides)
-    if args.data_root:
-        overrides.append(f"data.data_root={args.data_root}")
     if args.resume:
         if not args.run_dir:
             raise ConfigError("--resume needs --run-dir DIR, the run to continue.")
@@ -139,6 +138,10 @@ def _train(args: argparse.Namespace) -> None:
         if not args.config:
             raise ConfigError("Name a preset (`fewshot presets` lists them) or a .yaml config to train.")
         config = load_config(args.config, overrides)
+    if args.data_root:  # a path as given, not parsed as YAML ('#' a comment, '2024' a number)
+        config = config.model_copy(
+            update={"data": config.data.model_copy(update={"data_root": args.data_root})}
+        )
     distributed.init_from_env(config.train.threads)
     # under torchrun rank 0 picks the run directory and is the only one to write it
     run_dir = Path(args.run_dir) if args.run_dir else _fresh_run_dir(Path("runs") / config.name)
@@ -157,7 +160,9 @@ def _train(args: argparse.Namespace) -> None:
             f"run in {run_dir}"
         )
     if args.evaluate:
-        outcome = evaluate_run(load_run(run_dir), data_root=args.data_root)
+        # tested as configured now: a resume may have changed eval.episodes since best.pt was saved
+        run = dataclasses.replace(load_run(run_dir), config=config)
+        outcome = evaluate_run(run)
         if main:
             (run_dir / "eval.json").write_text(__import__("json").dumps(outcome.to_dict(), indent=2) + "\n")
             print(f"test {outcome.line()}")

@@ -311,12 +311,24 @@ TRAINING_NEUTRAL = frozenset(
         "train.threads",
     }
 )
-"""Settings that neither move a trained weight nor choose the selected checkpoint: two
-configurations that differ only here train the same run."""
+"""Settings that move no trained weight: two configurations that differ only here train the same
+weights. (``eval`` also shapes the validation episodes, which select ``best.pt``, so a resume may
+change only some of it: see ``RESUMABLE_CHANGES``.)"""
 
-RESUMABLE_CHANGES = TRAINING_NEUTRAL | {"train.steps", "train.val_every"}
-"""Settings a run may change when it resumes: a constant-rate run may go on longer, and
-validation may come at other steps, without changing a weight trained so far."""
+RESUMABLE_CHANGES = (TRAINING_NEUTRAL - {"eval"}) | {
+    "eval.episodes",
+    "eval.chunk",
+    "train.steps",
+    "train.val_every",
+}
+"""Settings a run may change when it resumes: a constant-rate run may go on longer, validation may
+come at other steps, and testing may use more episodes, without changing a weight trained so far.
+The other ``eval`` settings (ways, shots, queries, seed) build the validation episodes: changed
+midway, ``best.pt`` would compare scores on two different tasks."""
+
+NON_FINITE_CURES = frozenset({"train.lr", "train.grad_clip"})
+"""Settings a run stopped by a non-finite value may also change when it resumes: the cure for a
+diverging run, applied from its last good state on (the weights before it stay as trained)."""
 
 
 def _leaves(tree: dict[str, Any], whole: frozenset[str], prefix: str = "") -> dict[str, Any]:
@@ -342,19 +354,20 @@ def differences(a: Config, b: Config, may_differ: frozenset[str]) -> list[tuple[
 
 
 def training_differences(a: Config, b: Config) -> list[tuple[str, Any, Any]]:
-    """Where ``a`` and ``b`` would not train the same weights or select the same checkpoint."""
+    """Where ``a`` and ``b`` would not train the same weights (their validation tasks may differ)."""
     return differences(a, b, TRAINING_NEUTRAL)
 
 
-def resume_conflicts(saved: Config, wanted: Config) -> list[str]:
-    """Why a run trained with ``saved`` cannot be continued as ``wanted`` (empty if it can).
+def resume_conflicts(saved: Config, wanted: Config, after_non_finite: bool = False) -> list[str]:
+    """Why a run trained with ``saved`` cannot be continued as ``wanted`` (empty if it can);
+    ``after_non_finite``: the run was stopped by a non-finite value, so ``NON_FINITE_CURES`` may change.
 
     Resuming under other settings would give weights that no single configuration
     trains, yet be recorded as ``wanted``: a silently wrong result.
     """
+    may_differ = RESUMABLE_CHANGES | NON_FINITE_CURES if after_non_finite else RESUMABLE_CHANGES
     conflicts = [
-        f"{key}: {old!r} in the run, {new!r} now"
-        for key, old, new in differences(saved, wanted, RESUMABLE_CHANGES)
+        f"{key}: {old!r} in the run, {new!r} now" for key, old, new in differences(saved, wanted, may_differ)
     ]
     schedule = wanted.train.schedule
     if schedule in ("cosine", "linear") and saved.train.steps != wanted.train.steps:

@@ -3,8 +3,9 @@
 A checkpoint is one ``torch.save`` file of tensors, numbers and strings only:
 the method's weights, the optimiser and scheduler state, the step, torch's RNG
 state and the resolved config as YAML text. It is written to a temporary file
-in the same folder and renamed into place, so a crash leaves the previous
-checkpoint intact; it is read with ``weights_only=True``, which refuses any
+in the same folder (with the mode the umask gives any new file, as config.yaml
+has) and renamed into place, so a crash leaves the previous checkpoint
+intact; it is read with ``weights_only=True``, which refuses any
 pickled object other than tensors and plain containers.
 """
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
+import secrets
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,9 @@ def save_atomic(state: dict[str, Any], path: Path) -> Path:
     """Write ``state`` to ``path`` atomically (temporary file, fsync, rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    # not mkstemp, whose files are private (0600): a checkpoint is as readable as the rest of the run
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save({"format": FORMAT, **state}, f)

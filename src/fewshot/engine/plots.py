@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -11,9 +12,23 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 
+def read_metrics(metrics: Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl; a line that does not parse (one cut short when the run was
+    killed mid-write) is skipped rather than making the whole log unreadable."""
+    records = []
+    for line in metrics.read_text().splitlines() if metrics.is_file() else []:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            records.append(record)
+    return records
+
+
 def learning_curve(metrics: Path, out: Path, title: str = "") -> Path:
     """Training loss and accuracy, and validation score, against the step."""
-    records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
+    records = read_metrics(metrics)
     train = [r for r in records if "loss" in r]
     val = [r for r in records if "val" in r]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))

@@ -6,8 +6,10 @@ The loop only talks to methods through ``Method.loss`` and
 RNG state, so a run that is interrupted and resumed ends with the same
 weights as one that never stopped. SIGINT/SIGTERM save a checkpoint first;
 the state is also saved just before each validation, so even a SIGKILL during
-a long validation loses no training steps; a non-finite loss stops with the
-last good state saved.
+a long validation loses no training steps. A non-finite loss, gradient norm,
+weight or buffer stops training without saving that state: the last checkpoint
+stays the last good state, marked so that its resume may lower the rate or clip
+the gradients (``NON_FINITE_CURES``).
 """
 
 from __future__ import annotations
@@ -21,19 +23,22 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from tqdm import tqdm
 
-from fewshot.config import Config, from_yaml, resume_conflicts, to_yaml
+from fewshot.config import RESUMABLE_CHANGES, Config, differences, from_yaml, resume_conflicts, to_yaml
 from fewshot.engine import checkpoint, distributed
 from fewshot.engine.setup import Experiment, build_experiment
 from fewshot.errors import FewShotError
 
+STOPPED_NON_FINITE = "non-finite"
+"""A checkpoint's ``stopped`` mark: the run stopped on a non-finite value after this state."""
+
 
 class TrainingStopped(FewShotError):
-    """Training cannot go on (non-finite loss); the last good state was saved."""
+    """Training cannot go on (a non-finite value); the last good checkpoint was kept."""
 
 
 class RunMismatch(FewShotError):
@@ -77,6 +82,22 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: Config) -> torch.o
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
 
 
+def first_non_finite(named: list[tuple[str, torch.Tensor]]) -> str | None:
+    """The name of the first floating-point tensor holding nan or inf (None if all are finite).
+
+    Cheap enough for every step: a nan or inf makes its tensor's sum non-finite, so one sum per
+    tensor and one synchronisation clear them all (a tenth of the time of ``isfinite``); only a
+    non-finite sum, which a huge finite tensor could also give, calls for the element-wise check.
+    """
+    named = [(name, t) for name, t in named if t.is_floating_point()]
+    if not named:
+        return None
+    with torch.no_grad():
+        if bool(torch.isfinite(torch.stack([t.sum().double() for _, t in named])).all()):
+            return None
+        return next((name for name, t in named if not bool(torch.isfinite(t).all())), None)
+
+
 @contextmanager
 def _stop_on_signals() -> Iterator[dict[str, int]]:
     """Turn SIGINT/SIGTERM into a flag the loop checks between steps."""
@@ -113,6 +134,10 @@ class Trainer:
         self.best_step: int | None = None
         self.elapsed = 0.0
         self.validation_pending = False
+        self.saved_step: int | None = None
+        """The step of checkpoints/last.pt: the last good state if a non-finite value stops the run."""
+        self.resumed_changes: list[str] = []
+        """Rate and clipping changes made on resuming after a non-finite stop, kept in the checkpoint."""
 
     # --- state ---------------------------------------------------------------------------------
     @property
@@ -137,25 +162,92 @@ class Trainer:
             "elapsed": self.elapsed,
             "preprocess": self.exp.preprocess,
             "validation_pending": self.validation_pending,
+            "resumed_changes": self.resumed_changes,
         }
 
     def save(self, path: Path | None = None) -> Path:
-        """Write a checkpoint (rank 0 only under torchrun: every rank holds the same state)."""
+        """Write a checkpoint (rank 0 only under torchrun: every rank holds the same state), after
+        checking the whole state, optimiser's included, so that no checkpoint holds nan or inf."""
         path = path or self.last_path
+        self._check_finite(self.step, optimizer=True)
         if distributed.is_main():
             checkpoint.save_atomic(self.state(), path)
+        if path == self.last_path:
+            self.saved_step = self.step
         return path
 
     def restore(self, state: dict[str, Any]) -> None:
         self.method.load_state_dict(state["method"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.step = int(state["step"])
+        self.step = self.saved_step = int(state["step"])
         torch.set_rng_state(state["torch_rng"])
         self.best_val, self.best_step = state["best_val"], state["best_step"]
         self.elapsed = float(state.get("elapsed", 0.0))
         self.validation_pending = bool(state.get("validation_pending", False))
+        self.resumed_changes = list(state.get("resumed_changes", []))
+        self._apply_cures(from_yaml(state["config"]))
         self._truncate_metrics(self.step, drop_val=self.validation_pending)
+
+    def _apply_cures(self, saved: Config) -> None:
+        """Continue at the new rate when resumed with another train.lr (allowed after a non-finite
+        stop; ``refuse_mismatch`` has refused any other change), and record the changes."""
+        changed = differences(saved, self.config, RESUMABLE_CHANGES)
+        if not changed:
+            return
+        old, new = saved.train.lr, self.config.train.lr
+        for group in self.optimizer.param_groups:  # every schedule here scales with the base rate
+            group["lr"] = new * (group["lr"] / old)
+            group["initial_lr"] = new
+        self.scheduler.base_lrs = [new for _ in self.scheduler.base_lrs]
+        self.resumed_changes.append(
+            f"from step {self.step}: " + ", ".join(f"{key} {a!r} -> {b!r}" for key, a, b in changed)
+        )
+
+    # --- non-finite values -----------------------------------------------------------------------
+    def _check_finite(self, step: int, optimizer: bool = False) -> None:
+        """Stop if a weight or buffer (with ``optimizer``, also the optimiser's state) holds nan or
+        inf: a state can go bad with a finite loss, e.g. a BatchNorm running variance overflowing."""
+        named = [
+            *((f"weight {n}", p) for n, p in self.method.named_parameters()),
+            *((f"buffer {n}", b) for n, b in self.method.named_buffers()),
+        ]
+        if optimizer:
+            names = {p: n for n, p in self.method.named_parameters()}
+            named += [
+                (f"optimiser state {key} of {names.get(p, '?')}", value)
+                for p, values in self.optimizer.state.items()
+                for key, value in values.items()
+                if isinstance(value, torch.Tensor)
+            ]
+        bad = first_non_finite(named)
+        if distributed.any_rank(bad is not None):
+            self._stop(f"The {bad or 'state on another rank'} became non-finite", step)
+
+    def _stop(self, what: str, step: int) -> NoReturn:
+        """Stop on a non-finite value without saving this state: the last checkpoint stays the last
+        good state, marked so that its resume may change the rate and the clipping."""
+        t = self.config.train
+        clip = 1.0 if t.grad_clip is None else t.grad_clip / 10
+        cure = f"--set train.lr={t.lr / 10:g} --set train.grad_clip={clip:g}"
+        if self.saved_step is None:  # the initial state itself: nothing good to go back to
+            raise TrainingStopped(
+                f"{what} before the first step, so nothing was saved in {self.run_dir}; check the method's "
+                "settings and the data, then train in a new run directory."
+            )
+        if distributed.is_main():
+            good = checkpoint.load(self.last_path)
+            checkpoint.save_atomic({**good, "stopped": STOPPED_NON_FINITE}, self.last_path)
+        raise TrainingStopped(
+            f"{what} in step {step}, so training stopped with the last good state (step {self.saved_step}) "
+            f"kept in {self.last_path}; resume from it at a lower rate or with clipped gradients, which a "
+            f"run stopped this way may change: {self._resume_command()} {cure} (or check the data)."
+        )
+
+    def _resume_command(self) -> str:
+        world = distributed.world_size()
+        launcher = f"torchrun --nproc-per-node {world} -m " if world > 1 else ""
+        return f"{launcher}fewshot train --run-dir {self.run_dir} --resume"
 
     # --- logging ---------------------------------------------------------------------------------
     def _log(self, record: dict[str, Any]) -> None:
@@ -171,10 +263,12 @@ class Trainer:
         def kept(record: dict[str, Any]) -> bool:
             return record["step"] < step or (record["step"] == step and not (drop_val and "val" in record))
 
+        from fewshot.engine.plots import read_metrics  # skips a last line cut short by a kill
+
         path = self.run_dir / "metrics.jsonl"
         if distributed.is_main() and path.is_file():
-            keep = [line for line in path.read_text().splitlines() if kept(json.loads(line))]
-            path.write_text("".join(line + "\n" for line in keep))
+            keep = [record for record in read_metrics(path) if kept(record)]
+            path.write_text("".join(json.dumps(record) + "\n" for record in keep))
 
     # --- the loop --------------------------------------------------------------------------------
     def validate(self) -> float:
@@ -188,7 +282,11 @@ class Trainer:
         if main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(to_yaml(self.config))
+            if self.step == 0:  # a new run: no records of a run that died before its first checkpoint
+                (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
         distributed.broadcast_module(self.method)  # every rank starts from rank 0's weights
+        if self.step == 0:
+            self.save()  # so that a good state to go back to always exists
         world = distributed.world_size()
         self.method.train()
         bar = tqdm(
@@ -213,19 +311,17 @@ class Trainer:
                 loss_value, *values = distributed.mean_scalars([loss.item(), *metrics.values()])
                 metrics = dict(zip(metrics, values, strict=True))
                 if not math.isfinite(loss_value):
-                    self.save()
-                    raise TrainingStopped(
-                        f"The meta-training loss became {loss_value} at step {self.step}; the last good "
-                        f"state is saved in {self.last_path}. Lower train.lr, set train.grad_clip, or "
-                        "check the data, then resume with --resume."
-                    )
+                    self._stop(f"The meta-training loss became {loss_value}", self.step + 1)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 distributed.average_gradients(self.method)
-                if t.grad_clip is not None:
-                    torch.nn.utils.clip_grad_norm_(self.method.parameters(), t.grad_clip)
+                if t.grad_clip is not None:  # the same on every rank: the gradients are averaged
+                    norm = float(torch.nn.utils.clip_grad_norm_(self.method.parameters(), t.grad_clip))
+                    if not math.isfinite(norm):
+                        self._stop(f"The gradient norm became {norm}", self.step + 1)
                 self.optimizer.step()
                 distributed.average_buffers(self.method)
+                self._check_finite(self.step + 1)
                 self.scheduler.step()
                 self.step += 1
                 took = time.perf_counter() - started
@@ -257,14 +353,18 @@ class Trainer:
                 signalled = distributed.any_rank(bool(flag))  # a signal may reach only some ranks
                 if signalled or (stop_at is not None and self.step >= stop_at and self.step < t.steps):
                     self.save()
-                    launcher = f"torchrun --nproc-per-node {world} -m " if world > 1 else ""
                     why = f"stop_at={stop_at}"
                     if signalled:
                         why = signal.Signals(flag["signal"]).name if flag else "a signal to another rank"
+                    if self.step >= t.steps:  # the signal came in the last step or validation
+                        raise Interrupted(
+                            f"Training is complete ({self.step}/{t.steps} steps, saved in "
+                            f"{self.last_path.parent}), but {why} stopped the command before the test "
+                            f"evaluation; run it with: {self._resume_command()} (which trains nothing more)"
+                        )
                     raise Interrupted(
                         f"Training stopped by {why} at step {self.step}/{t.steps}; state saved in "
-                        f"{self.last_path}. Resume with: "
-                        f"{launcher}fewshot train --run-dir {self.run_dir} --resume"
+                        f"{self.last_path}. Resume with: {self._resume_command()}"
                     )
         if main:
             self.plot()
@@ -341,7 +441,8 @@ def refuse_mismatch(state: dict[str, Any], config: Config, last: Path) -> None:
     """Raise ``RunMismatch`` unless resuming ``state`` as ``config`` continues one and the same run."""
     if state["method_name"] != config.method.name:
         raise RunMismatch(f"{last} is a {state['method_name']} run, not {config.method.name}.")
-    conflicts = resume_conflicts(from_yaml(state["config"], f"in {last}"), config)
+    after_non_finite = state.get("stopped") == STOPPED_NON_FINITE  # it may lower the rate, clip gradients
+    conflicts = resume_conflicts(from_yaml(state["config"], f"in {last}"), config, after_non_finite)
     if conflicts:
         raise RunMismatch(
             f"{last} was trained with other settings, so resuming it as asked would mix two runs: "
