@@ -174,7 +174,7 @@ def main() -> None:
     outcome = evaluate_run(
         load_run(run_dir),
         episodes=args.episodes,
-        ways=config.eval_ways,
+        ways=config.eval_ways if config.task == "classification" else None,  # sinusoid tasks have no ways
         shots=config.eval_shots,
         queries=config.eval.queries,
         seed=config.eval.seed,

@@ -1,4 +1,4 @@
-"""Meta-testing: accuracy over a fixed, seeded set of episodes with a 95% confidence interval.
+"""Meta-testing: accuracy (or regression error) over fixed, seeded episodes with a 95% confidence interval.
 
 The interval is 1.96 standard errors of the per-episode accuracies (the
 convention of the few-shot literature, e.g. LibFewShot and the MAML and
@@ -17,6 +17,7 @@ from fewshot.data.datasets import FewShotDataset
 from fewshot.data.sampler import EpisodeSampler
 from fewshot.engine import distributed
 from fewshot.methods.base import Method
+from fewshot.tasks.sinusoid import SinusoidTasks
 
 
 @dataclass
@@ -51,7 +52,19 @@ class EvalResult:
         )
 
     def to_dict(self) -> dict[str, object]:
-        return asdict(self)
+        """Plain values for JSON; NaN and infinities (one episode's interval) become None, i.e. null."""
+        return {key: _finite(value) for key, value in asdict(self).items()}
+
+
+def _finite(value: object) -> object:
+    """``value`` with every non-finite float replaced by None: JSON has no NaN."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
 
 
 def mean_ci95(values: torch.Tensor) -> tuple[float, float]:
@@ -78,6 +91,25 @@ def episode_accuracies(method: Method, sampler: EpisodeSampler, episodes: int, c
     finally:
         method.train(was_training)
     return distributed.gather_cat(torch.cat(out))
+
+
+def regression_errors(method: Method, tasks: SinusoidTasks, count: int) -> torch.Tensor:
+    """Mean squared query error of each of the first ``count`` tasks of ``tasks`` after adaptation.
+
+    Exactly ``count`` tasks, drawn batch by batch, so the first n tasks are the same whatever ``count``.
+    """
+    was_training = method.training
+    method.eval()
+    errors = [torch.zeros(0)]
+    try:
+        for i in range(math.ceil(count / tasks.tasks)):
+            batch = tasks[i]
+            with torch.no_grad():
+                pred = method.query_logits(batch)
+            errors.append(((pred - batch.query_labels) ** 2).mean(dim=(1, 2)))
+    finally:
+        method.train(was_training)
+    return torch.cat(errors)[:count]
 
 
 def evaluate(

@@ -17,6 +17,7 @@ from fewshot.data.sources.base import IMAGE_SUFFIXES, hidden, open_image
 from fewshot.data.sources.folder import FolderSource
 from fewshot.data.store import decode
 from fewshot.data.transforms import to_float
+from fewshot.engine.runs import check_ways
 from fewshot.errors import DataNotFoundError, FewShotError
 from fewshot.methods.base import Method
 
@@ -63,7 +64,17 @@ def query_files(paths: list[str]) -> list[Path]:
 def predict(
     method: Method, preprocess: dict[str, Any], support_dir: str | Path, queries: list[str]
 ) -> list[Prediction]:
-    """Adapt ``method`` to the support folder and label every query image."""
+    """Adapt ``method`` to the support folder and label every query image.
+
+    ``preprocess`` is a loaded run's (``LoadedRun.preprocess``): its ``task`` and
+    ``head_ways`` let a model that cannot take the support folder be refused up front.
+    """
+    task = preprocess.get("task", "classification")
+    if task != "classification":
+        raise FewShotError(
+            f"This {method.name} checkpoint was trained on {task} tasks, but predict is for image "
+            "classification; evaluate it with `fewshot eval`, or predict with a checkpoint trained on images."
+        )
     source = FolderSource(Path(support_dir), channels=int(preprocess["channels"]), strict=True)
     classes = source.classes()
     if len(classes) < 2:
@@ -71,6 +82,15 @@ def predict(
             f"Support folder {support_dir} has {len(classes)} class with images; few-shot prediction needs "
             "at least 2 classes (one sub-folder of example images per class)."
         )
+    fixed = preprocess.get("head_ways")
+    check_ways(
+        method.name,
+        fixed,
+        len(classes),
+        f"the {len(classes)} classes of support folder {support_dir}",
+        f"give the support folder exactly {fixed} class folders, or use a checkpoint of a metric method "
+        "(protonet, matching, relation), which takes any number of classes",
+    )
     support = torch.stack([load_image(p, preprocess) for c in classes for p in c.items])
     labels = torch.tensor([i for i, c in enumerate(classes) for _ in c.items])
     files = query_files(queries)

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
+import yaml
 
 from fewshot.config import Config, from_yaml
 from fewshot.engine import checkpoint, distributed
 from fewshot.engine.checkpoint import CheckpointError
-from fewshot.engine.evaluate import EvalResult, evaluate, mean_ci95
+from fewshot.engine.evaluate import EvalResult, evaluate, mean_ci95, regression_errors
 from fewshot.engine.setup import load_split
 from fewshot.errors import FewShotError
 from fewshot.methods.base import Method
@@ -20,9 +19,21 @@ from fewshot.methods.registry import GRADIENT as HEAD_METHODS
 from fewshot.methods.registry import build_method
 from fewshot.tasks.sinusoid import SinusoidTasks
 
+RETRAIN = "use another checkpoint of the run, or retrain"
+
+REQUIRED = ("method_name", "method", "step")
+"""Keys every checkpoint written by training holds besides its config (image runs also need preprocess)."""
+
 
 @dataclass
 class LoadedRun:
+    """A checkpoint's method, ready to use.
+
+    ``preprocess`` holds the checkpoint's decoding settings plus two facts from its
+    config that prediction needs to refuse inputs the model cannot take: ``task``
+    and ``head_ways`` (see ``head_ways``).
+    """
+
     config: Config
     method: Method
     preprocess: dict[str, Any]
@@ -49,14 +60,75 @@ def _read(path: str | Path) -> tuple[Path, dict]:
     return file, checkpoint.load(file)
 
 
+def head_ways(config: Config) -> int | None:
+    """Classes a fixed-size output layer was trained for (gradient methods on images), else None."""
+    if config.task == "sinusoid" or config.method.name not in HEAD_METHODS:
+        return None
+    return config.train_episode.ways
+
+
+def check_ways(method: str, fixed: int | None, ways: int, found: str, fix: str) -> None:
+    """Refuse ``ways`` classes for a model whose output layer scores exactly ``fixed`` (None: any number).
+
+    Without this the inner loop indexes past the head (IndexError) or the outputs
+    and class names do not pair up; ``found`` says where the count came from.
+    """
+    if fixed is not None and ways != fixed:
+        raise FewShotError(
+            f"This {method} checkpoint was trained for {fixed}-way tasks (its output layer has {fixed} "
+            f"outputs), so it cannot handle {found}; {fix}."
+        )
+
+
+def _config(state: dict, file: Path) -> Config:
+    """The checkpoint's config, with a CheckpointError for text that is no config at all."""
+    text = state["config"]
+    try:
+        tree = yaml.safe_load(text) if isinstance(text, str) else text
+    except yaml.YAMLError as exc:
+        problem = str(exc).splitlines()[0]
+        raise CheckpointError(
+            f"The config in checkpoint {file} is not valid YAML ({problem}); {RETRAIN}."
+        ) from None
+    if not isinstance(tree, dict):
+        kind = "empty" if tree is None else f"a {type(tree).__name__}"
+        raise CheckpointError(
+            f"The config in checkpoint {file} is {kind}, not a mapping of settings, so the file is damaged "
+            f"or not written by fewshot; {RETRAIN}."
+        )
+    try:
+        return from_yaml(text, where=f"in checkpoint {file}")
+    except (ValueError, TypeError) as exc:  # a ConfigError (a bad setting) names the key itself
+        problem = str(exc).splitlines()[0]
+        raise CheckpointError(
+            f"The config in checkpoint {file} cannot be read ({problem}); {RETRAIN}."
+        ) from None
+
+
+def _check_state(state: dict, config: Config, file: Path) -> dict[str, Any]:
+    """Refuse a checkpoint that lacks what a run needs; returns its preprocess settings."""
+    missing = [key for key in REQUIRED if key not in state]
+    preprocess = state.get("preprocess")
+    if config.task != "sinusoid" and not (
+        isinstance(preprocess, dict) and {"channels", "image_size"} <= preprocess.keys()
+    ):
+        missing.append("preprocess (image size and channels)")
+    if missing:
+        raise CheckpointError(
+            f"Checkpoint {file} lacks {', '.join(missing)}, so it was not written by fewshot train or is "
+            f"damaged; {RETRAIN}."
+        )
+    return dict(preprocess or {})
+
+
 def load_run(path: str | Path, expect_method: str | None = None) -> LoadedRun:
     """Rebuild the method of a checkpoint and load its weights (no pickled code is executed)."""
     # under torchrun the run directory is on rank 0's machine: it reads, every rank receives
     file, state = distributed.on_main(lambda: _read(path))
-    config = from_yaml(state["config"], where=f"in checkpoint {file}")
+    config = _config(state, file)
+    preprocess = _check_state(state, config, file)
     if expect_method is not None and state["method_name"] != expect_method:
         raise CheckpointError(f"{file} is a {state['method_name']} checkpoint, not {expect_method}.")
-    preprocess = dict(state.get("preprocess") or {})
     if config.task == "sinusoid":
         shape: tuple[int, ...] = (1,)
     else:
@@ -69,8 +141,23 @@ def load_run(path: str | Path, expect_method: str | None = None) -> LoadedRun:
             f"The weights in {file} do not fit a {config.method.name} model built from its own config "
             f"({str(exc).splitlines()[0]}); the checkpoint is from another method or version."
         ) from None
+    if state["method_name"] != config.method.name:  # after the weights: a misfit is the sharper diagnosis
+        raise CheckpointError(
+            f"Checkpoint {file} is labelled a {state['method_name']} checkpoint but its config describes "
+            f"{config.method.name}, so one of them was altered; {RETRAIN}."
+        )
     method.eval()
+    preprocess.update(task=config.task, head_ways=head_ways(config))
     return LoadedRun(config, method, preprocess, file, int(state["step"]))
+
+
+def _at_least(value: int | None, flag: str, least: int = 1) -> None:
+    """Refuse a count below ``least``: 0 must not fall back to the default nor a negative run."""
+    if value is not None and value < least:
+        raise FewShotError(
+            f"{flag} must be at least {least}, got {value}; give {least} or more, or leave it out to use "
+            "the run's config."
+        )
 
 
 def evaluate_run(
@@ -83,40 +170,38 @@ def evaluate_run(
     seed: int | None = None,
     data_root: str | None = None,
 ) -> EvalResult:
-    """Meta-test a loaded run on fixed episodes; unset arguments come from the run's config."""
+    """Meta-test a loaded run on fixed episodes; unset (None) arguments come from the run's config."""
     config = run.config
     e = config.eval
-    episodes = episodes or e.episodes
+    counts = {"--episodes": episodes, "--ways": ways, "--shots": shots, "--queries": queries}
+    for flag, value in counts.items():
+        _at_least(value, flag)
+    _at_least(seed, "--seed", least=0)
+    episodes = e.episodes if episodes is None else episodes
     seed = e.seed if seed is None else seed
+    shots = config.eval_shots if shots is None else shots
+    queries = e.queries if queries is None else queries
     if config.task == "sinusoid":
-        return _evaluate_sinusoid(
-            run, episodes, shots or config.train_episode.shots, queries or e.queries, seed
-        )
+        for value, flag in ((ways, "--ways"), (split, "--split")):
+            if value is not None:
+                raise FewShotError(
+                    f"{flag} does not apply to this sinusoid-regression run (its tasks are drawn, not taken "
+                    f"from a dataset split, and have no classes); leave {flag} out."
+                )
+        return _evaluate_sinusoid(run, episodes, shots, queries, seed)
     if data_root is not None:
         config = config.model_copy(update={"data": config.data.model_copy(update={"data_root": data_root})})
-    ways = ways or config.eval_ways
-    if config.method.name in HEAD_METHODS and ways != config.train_episode.ways:
-        raise FewShotError(
-            f"This {config.method.name} model has a {config.train_episode.ways}-way output layer; it cannot "
-            f"be evaluated on {ways}-way tasks. Use --ways {config.train_episode.ways}."
-        )
+    ways = config.eval_ways if ways is None else ways
+    fixed = head_ways(config)
+    check_ways(config.method.name, fixed, ways, f"{ways}-way tasks", f"use --ways {fixed}")
     dataset = load_split(config, split or config.data.test_split)
-    return evaluate(
-        run.method, dataset, ways, shots or config.eval_shots, queries or e.queries, episodes, seed, e.chunk
-    )
+    return evaluate(run.method, dataset, ways, shots, queries, episodes, seed, e.chunk)
 
 
 def _evaluate_sinusoid(run: LoadedRun, episodes: int, shots: int, queries: int, seed: int) -> EvalResult:
     """Mean squared error after adaptation on ``episodes`` fixed sinusoid tasks."""
     tasks = SinusoidTasks(shots, queries, tasks=min(episodes, 100), seed=seed)
-    errors = []
-    run.method.eval()
-    for i in range(math.ceil(episodes / tasks.tasks)):
-        batch = tasks[i]
-        with torch.no_grad():
-            pred = run.method.query_logits(batch)
-        errors.append(((pred - batch.query_labels) ** 2).mean(dim=(1, 2)))
-    mse, ci = mean_ci95(torch.cat(errors)[:episodes])
+    mse, ci = mean_ci95(regression_errors(run.method, tasks, episodes))
     info = run.method.describe()
     return EvalResult(
         mse,

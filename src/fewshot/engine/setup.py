@@ -17,7 +17,7 @@ from fewshot.data.datasets import FewShotDataset, load_dataset
 from fewshot.data.episodes import EpisodeBatch
 from fewshot.data.sampler import EpisodeSampler, check_episode_shape
 from fewshot.engine import distributed
-from fewshot.engine.evaluate import episode_accuracies
+from fewshot.engine.evaluate import episode_accuracies, regression_errors
 from fewshot.methods.base import Method
 from fewshot.methods.registry import build_method
 from fewshot.tasks.sinusoid import SinusoidTasks
@@ -92,15 +92,7 @@ class Experiment:
         v = self.config.train
         if self.config.task == "sinusoid":
             assert isinstance(self.val_sampler, SinusoidTasks)
-            method.eval()
-            errors = []
-            for i in range(max(1, v.val_episodes // self.val_sampler.tasks)):
-                batch = self.val_sampler[i]
-                with torch.no_grad():
-                    pred = method.query_logits(batch)
-                errors.append(((pred - batch.query_labels) ** 2).mean())
-            method.train()
-            return -float(torch.stack(errors).mean())
+            return -float(regression_errors(method, self.val_sampler, v.val_episodes).mean())
         assert isinstance(self.val_sampler, EpisodeSampler)
         accs = episode_accuracies(method, self.val_sampler, v.val_episodes, self.config.eval.chunk)
         return float(accs.mean())
