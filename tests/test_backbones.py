@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -49,3 +51,24 @@ def test_build_backbone_by_name():
         build_backbone("mlp", (1, 28, 28))
     with pytest.raises(ValueError, match="pool must be 'max' or 'stride'"):
         Conv4(pool="avg")  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- images too small
+
+
+@pytest.mark.parametrize(
+    ("depth", "image_shape", "smallest"), [(4, (1, 15, 15), 16), (4, (3, 84, 15), 16), (2, (1, 3, 8), 4)]
+)
+def test_conv4_refuses_images_too_small_for_its_pools(depth, image_shape, smallest):
+    """Like ResNet12.out_features: a named ValueError, not 0 features and a max_pool2d crash later."""
+    net = Conv4(image_shape[0], hidden=8, depth=depth)
+    shape = re.escape(str(tuple(image_shape)))
+    with pytest.raises(ValueError, match=rf"{shape} are too small.*at least {smallest} pixels a side"):
+        net.out_features(image_shape)
+    net.out_features((image_shape[0], smallest, smallest))  # the smallest size is accepted
+    assert Conv4(image_shape[0], hidden=8, depth=depth, pool="stride").out_features(image_shape) == 8
+
+
+def test_build_backbone_refuses_images_too_small_for_conv4():
+    with pytest.raises(ValueError, match=r"\(1, 15, 15\).*at least 16 pixels"):
+        build_backbone("conv4", (1, 15, 15))

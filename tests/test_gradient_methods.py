@@ -25,6 +25,8 @@ from torch import nn
 from torch.func import functional_call
 
 from fewshot.data.episodes import EpisodeBatch
+from fewshot.errors import EpisodeError
+from fewshot.methods.inner_loop import TaskRunner
 from fewshot.methods.maml import ANIL, MAML
 from fewshot.methods.metasgd import MetaSGD
 from fewshot.methods.reptile import Reptile
@@ -667,3 +669,172 @@ def test_maml_learns_sinusoid_regression() -> None:
         optimiser.step()
     assert math.isnan(metrics["accuracy"]) and metrics["mse"] >= 0
     assert float(method.loss(probe)[0].detach()) < 0.5 * start
+
+
+# ---------------------------------------------------------------- user errors, other norms, inference mode
+
+GRADIENT_METHODS = {
+    "maml": lambda m, **kw: MAML(m, inner_lr=0.3, inner_steps=2, **kw),
+    "anil": lambda m, **kw: ANIL(m, inner_lr=0.3, inner_steps=2, **kw),
+    "metasgd": lambda m, **kw: MetaSGD(m, inner_lr=0.3, **kw),
+    "reptile": lambda m, **kw: Reptile(m, inner_lr=0.1, inner_steps=2, inner_batch_test=3, **kw),
+}
+
+
+def test_task_runner_remembers_a_fallback_only_when_the_loop_succeeds() -> None:
+    """vmap failing means nothing if the loop fails too: the input is at fault; the loop's error is raised."""
+
+    def vectorised() -> object:
+        raise RuntimeError("vmap cannot do this")
+
+    def broken_loop() -> object:
+        raise ValueError("the loop's own error")
+
+    runner = TaskRunner("auto", "Test")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match="the loop's own error"):
+            runner.run("train", vectorised, broken_loop)
+    assert runner.fallback_reason is None and runner.path_for("train") == "auto"
+    with pytest.warns(RuntimeWarning, match="vmap cannot do this"):
+        assert runner.run("train", vectorised, lambda: 7) == 7
+    assert runner.path_for("eval") == "loop" and runner.used() == "loop (vmap fallback)"
+
+
+def test_auto_path_keeps_vmap_after_a_user_error() -> None:
+    """A float32 batch on a float64 model fails on both paths: an error, no warning, and still vmap."""
+    method = MAML(tiny_classifier(), inner_lr=0.3, path="auto")
+    batch = tiny_batch()
+    wrong_dtype = EpisodeBatch(
+        batch.support.float(), batch.support_labels, batch.query.float(), batch.query_labels
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for call in (method.loss, method.query_logits):
+            with pytest.raises(RuntimeError):
+                call(wrong_dtype)
+    assert method.runner.fallback_reason is None and method.describe()["path"] == "auto (not run yet)"
+    method.loss(batch)
+    method.query_logits(batch)
+    assert method.describe()["path"] == "vmap"
+
+
+@pytest.mark.parametrize("name", list(GRADIENT_METHODS))
+def test_gradient_methods_refuse_labels_outside_0_to_n_minus_1(name: str) -> None:
+    """The metric methods' EpisodeError, not an index error from the loss or a false vmap fallback."""
+    method = GRADIENT_METHODS[name](tiny_classifier())
+    batch = tiny_batch()
+    shifted = EpisodeBatch(batch.support, batch.support_labels + 1, batch.query, batch.query_labels + 1)
+    bad_query = EpisodeBatch(batch.support, batch.support_labels, batch.query, batch.query_labels + WAYS)
+    support, labels = batch.support[0], batch.support_labels[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for call in (method.loss, method.query_logits):
+            with pytest.raises(EpisodeError, match="cover every class"):
+                call(shifted)
+            with pytest.raises(EpisodeError, match="query labels must lie in 0..2"):
+                call(bad_query)
+        with pytest.raises(EpisodeError, match="cover every class"):
+            method.adapt(support, labels + 1)
+        with pytest.raises(EpisodeError, match="0..N-1, found -1"):
+            method.adapt(support, labels - 1)
+        with pytest.raises(ValueError, match="integer"):
+            method.adapt(support, labels.double())
+    assert method.runner.fallback_reason is None
+    method.loss(batch)
+    assert method.describe()["path"] == "vmap"
+
+
+def norm_classifier(norm: str, seed: int = 0) -> Classifier:
+    """conv -> norm -> ReLU -> linear head on 8x8 images (a parameter-dependent op before the norm),
+    float64, with non-trivial affine parameters; "head-LayerNorm" puts the norm in the head instead."""
+    torch.manual_seed(seed)
+    layers = {
+        "LayerNorm": lambda: nn.LayerNorm([4, *IMAGE[1:]]),
+        "InstanceNorm2d": lambda: nn.InstanceNorm2d(4, affine=True),
+        "GroupNorm": lambda: nn.GroupNorm(2, 4),
+        "head-LayerNorm": nn.Identity,
+    }
+    features = 4 * IMAGE[1] * IMAGE[2]
+    backbone = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), layers[norm](), nn.ReLU(), nn.Flatten())
+    model = Classifier(backbone, features, WAYS)
+    if norm == "head-LayerNorm":
+        model.head = nn.Sequential(nn.LayerNorm(features), nn.Linear(features, WAYS))
+    model = model.double()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "backbone.1." in name or "head.0." in name:
+                param.uniform_(0.5, 1.5) if name.endswith("weight") else param.uniform_(-0.3, 0.3)
+    return model
+
+
+@pytest.mark.parametrize(
+    ("name", "norm", "layer"),
+    [
+        ("maml", "LayerNorm", "LayerNorm"),
+        ("maml", "InstanceNorm2d", "InstanceNorm2d"),
+        ("metasgd", "InstanceNorm2d", "InstanceNorm2d"),
+        ("anil", "head-LayerNorm", "LayerNorm"),
+    ],
+)
+def test_second_order_through_affine_layer_or_instance_norm_takes_the_loop(
+    name: str, norm: str, layer: str
+) -> None:
+    """vmap gets these meta-gradients wrong (functorch #534): "auto" loops, with one warning saying
+    why, and gives the loop's meta-gradient; "vmap" is refused."""
+    make = GRADIENT_METHODS[name]
+    batch = tiny_batch()
+    _, reference = meta_grads(make(norm_classifier(norm), path="loop"), batch)
+    with pytest.warns(RuntimeWarning, match=rf"second-order.*affine {layer}.*vmap") as record:
+        method = make(norm_classifier(norm))
+    assert len([w for w in record if issubclass(w.category, RuntimeWarning)]) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, grad = meta_grads(method, batch)
+        method.query_logits(batch)
+    assert rel_err(grad, reference) < 1e-10
+    assert method.describe()["path"] == "loop (vmap fallback)"
+    with pytest.raises(ValueError, match=rf"path='vmap'.*affine {layer}.*Use path='loop'"):
+        make(norm_classifier(norm), path="vmap")
+
+
+@pytest.mark.parametrize(
+    ("name", "norm", "kwargs"),
+    [
+        ("maml", "LayerNorm", {"first_order": True}),
+        ("maml", "InstanceNorm2d", {"first_order": True}),
+        ("reptile", "LayerNorm", {}),
+        ("maml", "GroupNorm", {}),
+        ("anil", "LayerNorm", {}),  # the backbone is differentiated once: exact under vmap
+    ],
+)
+def test_norms_vmap_gets_right_stay_on_vmap(name: str, norm: str, kwargs: dict) -> None:
+    make = GRADIENT_METHODS[name]
+    batch = tiny_batch()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        method = make(norm_classifier(norm), **kwargs)
+        _, grad = meta_grads(method, batch)
+    assert method.describe()["path"] == "vmap"
+    _, reference = meta_grads(make(norm_classifier(norm), path="loop", **kwargs), batch)
+    assert rel_err(grad, reference) < 1e-10
+
+
+@pytest.mark.parametrize("path", ["loop", "vmap"])
+@pytest.mark.parametrize("name", list(GRADIENT_METHODS))
+def test_adaptation_under_inference_mode_equals_no_grad(name: str, path: str) -> None:
+    """torch.enable_grad() does not lift inference mode: the inner gradients must still be taken there."""
+    method = GRADIENT_METHODS[name](tiny_classifier(), path=path)
+    batch = tiny_batch()
+    episode = batch[1]
+    with torch.no_grad():
+        expected_logits = method.query_logits(batch)
+        expected = method.adapt(episode.support, episode.support_labels)(episode.query)
+    with torch.inference_mode():
+        logits = method.query_logits(batch)
+        predictor = method.adapt(episode.support, episode.support_labels)
+        out = predictor(episode.query)
+    torch.testing.assert_close(logits, expected_logits, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(predictor(episode.query), expected, rtol=1e-10, atol=1e-12)  # outside it too
+    assert method.describe()["path"] == path

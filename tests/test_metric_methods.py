@@ -25,7 +25,7 @@ from fewshot.methods import relation as relation_module
 from fewshot.methods.base import Method
 from fewshot.methods.matching import MatchingNetwork
 from fewshot.methods.protonet import PrototypicalNetwork, class_aggregate, embed_batch
-from fewshot.methods.relation import RelationNetwork
+from fewshot.methods.relation import RelationNetwork, relation_embedding
 from fewshot.models.backbones import Conv4
 from fewshot.models.norm import convert_batchnorm
 
@@ -101,7 +101,7 @@ def embed_calls(backbone: nn.Module, batch: EpisodeBatch) -> tuple[torch.Tensor,
 
 def test_embed_batch_eval_blocks_equal_one_call(batch, monkeypatch):
     """On running statistics the test-time backbone runs in blocks, with one call's numbers;
-    a backbone that normalises by its batch (TaskBatchNorm) still gets the whole batch at once."""
+    a backbone that normalises by its batch (TaskBatchNorm) gets each episode whole, one call each."""
     torch.manual_seed(0)
     backbone = Conv4(hidden=8).double().eval()
     for m in backbone.modules():
@@ -122,7 +122,7 @@ def test_embed_batch_eval_blocks_equal_one_call(batch, monkeypatch):
 
     convert_batchnorm(backbone)
     support, query, calls = embed_calls(backbone, batch)
-    assert calls == 1
+    assert calls == batch.tasks
     monkeypatch.setattr(protonet, "EVAL_BLOCK_ELEMENTS", 1 << 62)
     whole_support, whole_query, _ = embed_calls(backbone, batch)
     torch.testing.assert_close(support, whole_support, rtol=0, atol=0)
@@ -551,3 +551,47 @@ def test_meta_training_learns_and_generalises(kind):
         _, metrics = method.loss(held_out)
     assert after.item() < 0.9 * before.item()
     assert metrics["accuracy"] > 0.5  # chance is 0.2
+
+
+# --------------------------------------------------------------------------
+# Test time on batch statistics: an episode's logits are its own
+# --------------------------------------------------------------------------
+
+
+def batch_statistics(module: nn.Module) -> nn.Module:
+    """``module`` with every BatchNorm normalising by its batch, in eval mode too ("batch-stats")."""
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.track_running_stats = False
+            m.running_mean = m.running_var = m.num_batches_tracked = None
+    return module
+
+
+def batch_stats_method(kind: str) -> Method:
+    torch.manual_seed(0)
+    if kind == "protonet":
+        return PrototypicalNetwork(Conv4(hidden=8, track_running_stats=False))
+    if kind == "matching":
+        return MatchingNetwork(Conv4(hidden=8, track_running_stats=False), features=8)
+    if kind == "relation-embedding":
+        return RelationNetwork(IMAGE, hidden=8, embedding=batch_statistics(relation_embedding(1, 8)))
+    if kind == "relation-module":  # embedding on running statistics, relation module on batch statistics
+        method = RelationNetwork(IMAGE, hidden=8)
+        batch_statistics(method.relation)
+        return method
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("kind", ["protonet", "matching", "relation-embedding", "relation-module"])
+def test_eval_on_batch_statistics_never_mixes_episodes(kind, batch):
+    """In eval mode a batch-stats network normalises each episode by its own statistics: the logits
+    of a chunk of episodes are each episode's logits alone, whatever its chunk-mates."""
+    method = batch_stats_method(kind).double().eval()
+    batch = dataclasses.replace(batch, support=batch.support.double(), query=batch.query.double())
+    assert method.describe()["batchnorm"] == ("mixed" if kind.startswith("relation") else "batch-stats")
+    with torch.no_grad():
+        batched = method.query_logits(batch)
+        alone = torch.cat([method.query_logits(episode) for episode in batch.split([1] * batch.tasks)])
+        later = method.query_logits(batch.split([1, batch.tasks - 1])[1])
+    torch.testing.assert_close(batched, alone, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(batched[1:], later, rtol=1e-10, atol=1e-12)

@@ -19,7 +19,9 @@ module holds what they share:
   order treats the inner gradients as constants.
 * ``TaskRunner``: runs a per-task function over a meta-batch with
   ``torch.func.vmap`` or a Python loop, falling back to the loop (with a
-  warning, remembered) when ``vmap`` cannot batch the model.
+  warning, remembered) when ``vmap`` cannot batch the model but the loop
+  can, or from the start when ``vmap`` would get the numbers wrong
+  (``avoid_vmap``).
 """
 
 from __future__ import annotations
@@ -268,11 +270,18 @@ def task_gradients(
     create_graph: bool,
     engine: Engine,
 ) -> Params:
-    """Gradients of one task's loss on (x, y) with respect to the parameters ``names``."""
+    """Gradients of one task's loss on (x, y) with respect to the parameters ``names``.
+
+    Under ``torch.inference_mode()`` the "autograd" engine cannot record a graph
+    (``enable_grad`` does not lift it), so ``torch.func.grad`` takes the gradient:
+    the same numbers, and both paths work there.
+    """
     if not create_graph:
         # Constants: evaluate the gradient at detached values so no graph is kept.
         params = {k: v.detach() for k, v in params.items()}
         x = x.detach()
+    if engine == "autograd" and torch.is_inference_mode_enabled():
+        engine = "func"  # torch.enable_grad() does not lift inference mode; torch.func works there
     if engine == "func":
 
         def loss_of(sub: Params) -> torch.Tensor:
@@ -306,7 +315,9 @@ class TaskRunner:
 
     ``path="vmap"`` always vectorises with ``torch.func.vmap``; ``"loop"``
     always loops; ``"auto"`` tries ``vmap`` on first use of each kind of call
-    ("train", "eval") and, if it raises, warns once and loops from then on.
+    ("train", "eval") and, if it raises but the loop succeeds, warns once and
+    loops from then on (if the loop raises too, the input is at fault: its
+    error is raised and nothing is remembered).
     """
 
     def __init__(self, path: str, owner: str) -> None:
@@ -348,18 +359,37 @@ class TaskRunner:
         try:
             out = vectorised()
         except (RuntimeError, NotImplementedError) as err:
-            first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
-            self.fallback_reason = f"{type(err).__name__}: {first_line}"
-            warnings.warn(
-                f"{self.owner}: torch.func.vmap could not batch this model over tasks "
-                f"({self.fallback_reason}). Using the loop-over-tasks path from now on: "
-                "same results, slower. Pass path='loop' to choose it explicitly.",
-                RuntimeWarning,
-                stacklevel=4,
-            )
-            return loop()
-        self.resolved[kind] = "vmap"
+            failure = err
+        else:
+            self.resolved[kind] = "vmap"
+            return out
+        # Outside the except block: a user error (wrong dtype, a bad shape) fails the loop too,
+        # and is raised as the loop raises it, with no vmap traceback and nothing remembered.
+        out = loop()
+        first_line = str(failure).strip().splitlines()[0] if str(failure).strip() else ""
+        self.fallback_reason = f"{type(failure).__name__}: {first_line}"
+        warnings.warn(
+            f"{self.owner}: torch.func.vmap could not batch this model over tasks "
+            f"({self.fallback_reason}). Using the loop-over-tasks path from now on: "
+            "same results, slower. Pass path='loop' to choose it explicitly.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
         return out
+
+    def avoid_vmap(self, reason: str) -> None:
+        """Keep off ``vmap`` for good because it would give wrong numbers: "auto" loops (with a
+        warning), "vmap" is refused with a ValueError, "loop" is unaffected."""
+        if self.path == "vmap":
+            raise ValueError(f"{self.owner}: path='vmap' cannot be used: {reason}. Use path='loop'.")
+        if self.path == "auto":
+            self.fallback_reason = reason
+            warnings.warn(
+                f"{self.owner}: {reason}. Using the loop-over-tasks path: exact, slower. "
+                "Pass path='loop' to choose it explicitly.",
+                RuntimeWarning,
+                stacklevel=3,  # the caller of MAML(...)
+            )
 
 
 def vmap_tasks(

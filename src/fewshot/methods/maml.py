@@ -12,10 +12,12 @@
 
 A meta-batch runs as one ``torch.func.vmap`` over the task dimension (the
 "vmap" path) or task by task with ``torch.autograd.grad`` (the "loop" path,
-used automatically when ``vmap`` cannot batch the model). Both give the same
-numbers. The loop path accumulates each task's meta-gradient as it goes and
-returns a scalar whose value is the meta-loss and whose gradient is the
-meta-gradient, so it holds one task's graph at a time.
+used automatically when ``vmap`` cannot batch the model, or would get the
+second-order meta-gradient wrong: affine LayerNorm or InstanceNorm in the
+inner loop). Both give the same numbers. The loop path accumulates each
+task's meta-gradient as it goes and returns a scalar whose value is the
+meta-loss and whose gradient is the meta-gradient, so it holds one task's
+graph at a time.
 """
 
 from __future__ import annotations
@@ -48,7 +50,8 @@ from fewshot.methods.inner_loop import (
     task_loss_fn,
     vmap_tasks,
 )
-from fewshot.models.norm import TaskBatchNorm, convert_batchnorm
+from fewshot.methods.protonet import check_batch, check_task
+from fewshot.models.norm import TaskBatchNorm, convert_batchnorm, norms_wrong_under_vmap
 
 
 class TaskPredictor:
@@ -102,7 +105,9 @@ class MAML(Method):
             much faster so (docs/results.md).
         task: "classification" (cross-entropy, labels 0..N-1) or "regression" (MSE).
         path: "auto" (vmap over tasks, falling back to a loop with a warning if vmap
-            fails), "vmap" or "loop".
+            fails, or from the start for second order through affine LayerNorm or
+            InstanceNorm layers, whose meta-gradients vmap gets wrong), "vmap" (refused
+            in that case) or "loop".
         forward: "auto" (a fused Conv-4 forward on the vmap path when the model is a
             plain Conv-4 classifier, the module itself otherwise), "fused" or "module".
         chunk_size: tasks per vectorised chunk on the vmap path. ``None`` picks the
@@ -163,6 +168,13 @@ class MAML(Method):
         self.chunk_size = chunk_size
         self.runner = TaskRunner(path, type(self).__name__)
         self._setup_forwards(forward)
+        unsafe = [] if self.first_order else norms_wrong_under_vmap(self._inner_loop_module())
+        if unsafe:
+            self.runner.avoid_vmap(
+                f"second-order meta-gradients through affine {' and '.join(unsafe)} layers are silently "
+                "wrong under torch.func.vmap (PyTorch's batching rule for their fused backward, "
+                "functorch issue #534; first order is unaffected)"
+            )
         if not self._adapt_names():
             raise ValueError(
                 f"{type(self).__name__}: the inner loop has no parameter to adapt (none requires "
@@ -197,6 +209,21 @@ class MAML(Method):
     def _setup_forwards(self, forward: str) -> None:
         self._forward_vec, self.forward_vec_name = choose_forward(self.model, forward, True)
         self._forward_loop, self.forward_loop_name = choose_forward(self.model, forward, False)
+
+    def _inner_loop_module(self) -> nn.Module:
+        """The network the inner loop differentiates through (twice, for the second-order meta-gradient)."""
+        return self.model
+
+    def _check_batch(self, batch: EpisodeBatch) -> None:
+        """Classification labels must be 0..N-1 with every class in the support set, as for the
+        metric methods: a clear EpisodeError instead of an index error deep in the loss."""
+        if self.task == "classification":
+            check_batch(batch, with_query_labels=True)
+
+    def _check_task(self, support: torch.Tensor, labels: torch.Tensor) -> None:
+        """``_check_batch`` for one task's support set."""
+        if self.task == "classification":
+            check_task(support, labels)
 
     def _adapt_names(self) -> list[str]:
         """The parameters the inner loop steps on (all others are meta-learned only)."""
@@ -279,6 +306,7 @@ class MAML(Method):
 
     def adapt(self, support: torch.Tensor, support_labels: torch.Tensor) -> Predictor:
         """Adapt to one task (``inner_steps_test`` steps) and return its predictor."""
+        self._check_task(support, support_labels)
         params, forward = self._adapt_one(support, support_labels)
         support = support.detach()
 
@@ -289,6 +317,7 @@ class MAML(Method):
 
     def loss(self, batch: EpisodeBatch) -> tuple[torch.Tensor, dict[str, float]]:
         """Mean query loss after adaptation; its gradient is the meta-gradient."""
+        self._check_batch(batch)
         params = dict(self.model.named_parameters())
         lr_params = self._lr_params()
         data = (batch.support, batch.support_labels, batch.query, batch.query_labels)
@@ -337,6 +366,7 @@ class MAML(Method):
 
     def query_logits(self, batch: EpisodeBatch) -> torch.Tensor:
         """Outputs (T, N*Q, ...) for every query after ``inner_steps_test`` steps, batched over tasks."""
+        self._check_batch(batch)
         params = {k: v.detach() for k, v in self.model.named_parameters()}
         lr_params = {k: v.detach() for k, v in self._lr_params().items()}
         data = self._eval_data(batch)
@@ -430,6 +460,9 @@ class ANIL(MAML):
     def _adapt_names(self) -> list[str]:
         return [f"head.{n}" for n, p in self.model.head.named_parameters() if p.requires_grad]
 
+    def _inner_loop_module(self) -> nn.Module:
+        return self.model.head  # the backbone is differentiated once, outside the inner loop
+
     def _features(
         self, forward: TaskForward, bparams: Params, xs: torch.Tensor, xq: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -505,6 +538,7 @@ class ANIL(MAML):
 
     def adapt(self, support: torch.Tensor, support_labels: torch.Tensor) -> Predictor:
         """Adapt the head to one task; the predictor runs backbone then adapted head."""
+        self._check_task(support, support_labels)
         params, forward = self._adapt_one(support, support_labels)
         bparams, hparams = self._split(params)
         support = support.detach()

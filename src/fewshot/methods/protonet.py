@@ -134,15 +134,17 @@ def embed_batch(backbone: nn.Module, batch: EpisodeBatch) -> tuple[torch.Tensor,
 
     Returns support embeddings (T, S, *f) and query embeddings (T, M, *f),
     where ``f`` is whatever the backbone outputs per example (a vector or a
-    feature map). In training mode each episode is its own backbone call, so
-    BatchNorm's batch statistics come from one task and never mix tasks, and
-    the running statistics take one update per meta-batch: a meta-batch split
-    across processes then gives the same meta-gradient and the same model as
-    one process. In eval mode all tasks share one ``embed``.
+    feature map). Whenever the backbone normalises by its batch (training, or
+    batch statistics at test time) each episode is its own backbone call, so
+    an episode's statistics, and so its outputs, never depend on the other
+    episodes; in training the running statistics take one update per
+    meta-batch: a meta-batch split across processes then gives the same
+    meta-gradient and the same model as one process. When each example's
+    output is its own (``outputs_independent``) all tasks share one ``embed``.
     """
     t, s = batch.support.shape[:2]
     m = batch.query.shape[1]
-    if backbone.training and t > 1:
+    if t > 1 and not outputs_independent(backbone):
         parts = []
         with one_running_update(backbone) as task_done:
             for episode in batch.split([1] * t):

@@ -276,7 +276,9 @@ class RelationNetwork(Method):
     def _batch_relations(self, batch: EpisodeBatch) -> torch.Tensor:
         ways = check_batch(batch)
         self._check_image_shape(tuple(batch.support.shape[2:]))
-        if self.training and batch.tasks > 1:  # BatchNorm statistics of one task at a time
+        # BatchNorm statistics of one task at a time, in training and on batch statistics at test time
+        independent = outputs_independent(self.embedding) and outputs_independent(self.relation)
+        if batch.tasks > 1 and not independent:
             parts = []
             with one_running_update(self) as task_done:
                 for episode in batch.split([1] * batch.tasks):
@@ -287,7 +289,7 @@ class RelationNetwork(Method):
         return self.relations(query, self.class_maps(support, batch.support_labels, ways))
 
     def query_logits(self, batch: EpisodeBatch) -> torch.Tensor:
-        """Logits (T, M, N) for every task (one embedding call in eval mode)."""
+        """Logits (T, M, N) for every task (one embedding call in eval mode on running statistics)."""
         return self.output(self._batch_relations(batch))
 
     def loss(self, batch: EpisodeBatch) -> tuple[torch.Tensor, dict[str, float]]:

@@ -283,6 +283,7 @@ class Reptile(MAML):
 
     def loss(self, batch: EpisodeBatch) -> tuple[torch.Tensor, dict[str, float]]:
         """Surrogate whose gradient is theta - mean(adapted theta); its value is the query loss."""
+        self._check_batch(batch)
         named = dict(self.model.named_parameters())
         params = {k: v.detach() for k, v in named.items()}
         examples = batch.support.shape[1] + (batch.query.shape[1] if self.use_query else 0)

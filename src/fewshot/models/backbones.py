@@ -79,6 +79,11 @@ class Conv4(nn.Module):
         _, h, w = image_shape
         for _ in range(self.depth):
             h, w = h // 2, w // 2
+        if h == 0 or w == 0:
+            raise ValueError(
+                f"images of shape {tuple(image_shape)} are too small for Conv-4's {self.depth} "
+                f"2x2 max-pools; use images of at least {2**self.depth} pixels a side"
+            )
         return self.hidden * h * w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -141,6 +141,25 @@ def outputs_independent(module: nn.Module) -> bool:
     )
 
 
+def norms_wrong_under_vmap(module: nn.Module) -> list[str]:
+    """Type names of the layers in ``module`` whose second-order gradients under vmap are wrong.
+
+    Affine ``nn.LayerNorm`` and ``nn.InstanceNorm*`` run fused kernels with
+    the batch-norm pitfall of the module docstring (functorch issue #534):
+    second-order MAML through them under ``vmap`` is silently off (by 6e-4 to
+    3e-2 relative, measured in float64). ``convert_batchnorm`` fixes batch
+    norm; these have no elementary-op twin here. Without affine parameters,
+    and for ``GroupNorm`` and ``RMSNorm``, the gradients are right.
+    """
+    found = {
+        type(m).__name__
+        for m in module.modules()
+        if (isinstance(m, nn.LayerNorm) and m.weight is not None)
+        or (isinstance(m, nn.modules.instancenorm._InstanceNorm) and m.affine)
+    }
+    return sorted(found)
+
+
 def convert_batchnorm(module: nn.Module) -> int:
     """Replace every ``nn.BatchNorm*`` inside ``module`` by ``TaskBatchNorm``, in place.
 
