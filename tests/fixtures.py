@@ -8,6 +8,7 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+import yaml
 from PIL import Image
 
 
@@ -77,3 +78,36 @@ def miniimagenet_root(root: Path, per_class: int = 4, size: int = 16) -> Path:
                 rows.append(f"{name},{label}")
         (folder / f"{split}.csv").write_text("\n".join(rows) + "\n")
     return root
+
+
+def engine_dataset(root: Path) -> Path:
+    """The engine tests' tiny folder dataset: train/val/test of 6/4/4 classes, 6 16x16 images each."""
+    image_folder(root / "train", {f"t{i}": 6 for i in range(6)}, size=16)
+    image_folder(root / "val", {f"v{i}": 6 for i in range(4)}, size=16)
+    image_folder(root / "test", {f"s{i}": 6 for i in range(4)}, size=16)
+    return root
+
+
+def engine_config(tmp_path: Path, root: Path, method: dict, **sections: dict) -> Path:
+    """A tiny 3-way 1-shot run on ``root`` written to ``tmp_path/<method>.yaml``; ``sections``
+    update the config's sections (``train={"steps": 2}``)."""
+    config = {
+        "name": f"tiny-{method['name']}",
+        "data": {"dataset": f"folder:{root}", "image_size": 16},
+        "method": {"backbone": "conv4-32", **method},
+        "train_episode": {"ways": 3, "shots": 1, "queries": 2},
+        "train": {
+            "steps": 4,
+            "meta_batch": 2,
+            "val_every": 2,
+            "val_episodes": 4,
+            "checkpoint_every": 2,
+            "log_every": 1,
+        },
+        "eval": {"episodes": 6, "queries": 2, "chunk": 4},
+    }
+    for key, value in sections.items():
+        config[key].update(value)
+    path = tmp_path / f"{method['name']}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path

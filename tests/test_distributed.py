@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from fixtures import image_folder
+from fixtures import engine_config, engine_dataset
 
 from fewshot.data.sampler import EpisodeSampler
 from fewshot.engine import checkpoint, distributed
@@ -28,35 +27,14 @@ FAMILIES = [
 
 @pytest.fixture
 def dataset_root(tmp_path) -> Path:
-    root = tmp_path / "tiny"
-    image_folder(root / "train", {f"t{i}": 6 for i in range(6)}, size=16)
-    image_folder(root / "val", {f"v{i}": 6 for i in range(4)}, size=16)
-    image_folder(root / "test", {f"s{i}": 6 for i in range(4)}, size=16)
-    return root
+    return engine_dataset(tmp_path / "tiny")
 
 
 def write_config(tmp_path: Path, root: Path, method: dict) -> Path:
     """SGD, so final weights differ exactly by the (scaled) difference of meta-gradients."""
-    config = {
-        "name": f"tiny-{method['name']}",
-        "data": {"dataset": f"folder:{root}", "image_size": 16},
-        "method": {"backbone": "conv4-32", **method},
-        "train_episode": {"ways": 3, "shots": 1, "queries": 2},
-        "train": {
-            "steps": 3,
-            "meta_batch": 4,
-            "optimizer": "sgd",
-            "lr": 0.5,
-            "val_every": 2,
-            "val_episodes": 5,
-            "checkpoint_every": 100,
-            "log_every": 1,
-        },
-        "eval": {"episodes": 7, "queries": 2, "chunk": 2},
-    }
-    path = tmp_path / f"{method['name']}.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+    train = {"steps": 3, "meta_batch": 4, "optimizer": "sgd", "lr": 0.5}
+    train |= {"val_episodes": 5, "checkpoint_every": 100}
+    return engine_config(tmp_path, root, method, train=train, eval={"episodes": 7, "chunk": 2})
 
 
 def free_port() -> int:

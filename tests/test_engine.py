@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from fixtures import image_folder
+from fixtures import engine_config, engine_dataset, image_folder
 
 from fewshot.cli import main
 from fewshot.config import ConfigError, load_config, preset_names, resume_conflicts, training_differences
@@ -28,34 +28,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture
 def dataset_root(tmp_path) -> Path:
-    root = tmp_path / "tiny"
-    image_folder(root / "train", {f"t{i}": 6 for i in range(6)}, size=16)
-    image_folder(root / "val", {f"v{i}": 6 for i in range(4)}, size=16)
-    image_folder(root / "test", {f"s{i}": 6 for i in range(4)}, size=16)
-    return root
-
-
-def write_config(tmp_path: Path, root: Path, method: dict, **sections) -> Path:
-    config = {
-        "name": f"tiny-{method['name']}",
-        "data": {"dataset": f"folder:{root}", "image_size": 16},
-        "method": {"backbone": "conv4-32", **method},
-        "train_episode": {"ways": 3, "shots": 1, "queries": 2},
-        "train": {
-            "steps": 4,
-            "meta_batch": 2,
-            "val_every": 2,
-            "val_episodes": 4,
-            "checkpoint_every": 2,
-            "log_every": 1,
-        },
-        "eval": {"episodes": 6, "queries": 2, "chunk": 4},
-    }
-    for key, value in sections.items():
-        config[key].update(value)
-    path = tmp_path / f"{method['name']}.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+    return engine_dataset(tmp_path / "tiny")
 
 
 FAMILIES = [
@@ -69,7 +42,7 @@ FAMILIES = [
 
 @pytest.mark.parametrize("method", FAMILIES, ids=[m["name"] for m in FAMILIES])
 def test_train_eval_predict_through_the_cli(tmp_path, dataset_root, method, capsys):
-    config = write_config(tmp_path, dataset_root, method)
+    config = engine_config(tmp_path, dataset_root, method)
     run = tmp_path / "run"
     assert main(["train", str(config), "--run-dir", str(run)]) == 0
     out = capsys.readouterr().out
@@ -140,7 +113,7 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("method", [FAMILIES[0], FAMILIES[3]], ids=["protonet", "maml"])
 def test_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path, dataset_root, method):
-    path = write_config(
+    path = engine_config(
         tmp_path, dataset_root, method, train={"steps": 6, "checkpoint_every": 100, "keep_every": 2}
     )
     config = load_config(str(path))
@@ -165,7 +138,7 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path, datase
 
 
 def test_resume_refuses_settings_that_would_mix_two_runs(tmp_path, dataset_root):
-    path = write_config(tmp_path, dataset_root, {"name": "matching"}, train={"steps": 4})
+    path = engine_config(tmp_path, dataset_root, {"name": "matching"}, train={"steps": 4})
     config = load_config(str(path))
     with pytest.raises(Interrupted):
         train(config, tmp_path / "run", progress=False, stop_at=2)
@@ -183,7 +156,7 @@ def test_resume_refuses_settings_that_would_mix_two_runs(tmp_path, dataset_root)
 
 
 def test_resuming_a_complete_run_trains_nothing_and_a_shorter_one_is_refused(tmp_path, dataset_root):
-    path = write_config(tmp_path, dataset_root, {"name": "protonet"}, train={"steps": 4})
+    path = engine_config(tmp_path, dataset_root, {"name": "protonet"}, train={"steps": 4})
     config = load_config(str(path))
     assert train(config, tmp_path / "run", progress=False).resumed_from == 0
     before = _weights(tmp_path / "run")
@@ -218,7 +191,7 @@ class _Killed(BaseException):
 
 @pytest.mark.parametrize("where", ["validate", "plot"], ids=["before-its-record", "after-its-record"])
 def test_kill_during_validation_loses_no_steps(tmp_path, dataset_root, monkeypatch, where):
-    path = write_config(
+    path = engine_config(
         tmp_path, dataset_root, {"name": "protonet"}, train={"steps": 6, "checkpoint_every": 100}
     )
     config = load_config(str(path))
@@ -260,7 +233,7 @@ def test_kill_during_validation_loses_no_steps(tmp_path, dataset_root, monkeypat
 
 
 def test_sigint_saves_a_checkpoint_and_exits_cleanly(tmp_path, dataset_root):
-    path = write_config(
+    path = engine_config(
         tmp_path,
         dataset_root,
         {"name": "protonet"},
@@ -286,7 +259,7 @@ def test_sigint_saves_a_checkpoint_and_exits_cleanly(tmp_path, dataset_root):
 
 
 def test_non_finite_loss_stops_with_saved_state(tmp_path, dataset_root):
-    path = write_config(tmp_path, dataset_root, {"name": "protonet"})
+    path = engine_config(tmp_path, dataset_root, {"name": "protonet"})
     config = load_config(str(path))
     from fewshot.methods.protonet import PrototypicalNetwork
 
@@ -404,14 +377,14 @@ def test_presets_command(capsys):
 
 
 def test_ways_the_dataset_cannot_supply(tmp_path, dataset_root, capsys):
-    path = write_config(tmp_path, dataset_root, {"name": "protonet"}, train_episode={"ways": 9})
+    path = engine_config(tmp_path, dataset_root, {"name": "protonet"}, train_episode={"ways": 9})
     assert main(["train", str(path), "--run-dir", str(tmp_path / "run")]) == 2
     assert "9-way episodes need 9 classes" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
 
 def test_eval_with_too_many_ways(tmp_path, dataset_root, capsys):
-    path = write_config(tmp_path, dataset_root, {"name": "protonet"})
+    path = engine_config(tmp_path, dataset_root, {"name": "protonet"})
     run = tmp_path / "run"
     assert main(["train", str(path), "--run-dir", str(run), "--no-eval"]) == 0
     capsys.readouterr()
@@ -424,7 +397,7 @@ def test_eval_with_too_many_ways(tmp_path, dataset_root, capsys):
 
 @pytest.fixture
 def trained_run(tmp_path, dataset_root) -> Path:
-    path = write_config(tmp_path, dataset_root, {"name": "protonet"}, train={"steps": 2})
+    path = engine_config(tmp_path, dataset_root, {"name": "protonet"}, train={"steps": 2})
     run = tmp_path / "run"
     train(load_config(str(path)), run, progress=False)
     return run
@@ -451,13 +424,13 @@ def test_checkpoint_with_pickled_code_is_refused(tmp_path, capsys):
 
 
 def test_resume_with_another_method_or_setting(trained_run, tmp_path, dataset_root, capsys):
-    other = write_config(tmp_path, dataset_root, {"name": "matching"})
+    other = engine_config(tmp_path, dataset_root, {"name": "matching"})
     assert main(["train", str(other), "--run-dir", str(trained_run), "--resume"]) == 2
     assert "is a protonet run, not matching" in capsys.readouterr().err
-    changed = write_config(tmp_path, dataset_root, {"name": "protonet"}, train={"steps": 2, "lr": 0.5})
+    changed = engine_config(tmp_path, dataset_root, {"name": "protonet"}, train={"steps": 2, "lr": 0.5})
     assert main(["train", str(changed), "--run-dir", str(trained_run), "--resume"]) == 2
     assert "train.lr: 0.001 in the run, 0.5 now" in capsys.readouterr().err  # not resumed silently
-    longer = write_config(tmp_path, dataset_root, {"name": "protonet"}, train={"steps": 3})
+    longer = engine_config(tmp_path, dataset_root, {"name": "protonet"}, train={"steps": 3})
     assert main(["train", str(longer), "--run-dir", str(trained_run), "--resume", "--no-eval"]) == 0
     assert checkpoint.load(trained_run / "checkpoints" / "last.pt")["step"] == 3
 
@@ -474,7 +447,7 @@ def test_checkpoint_from_another_method(trained_run, tmp_path, capsys):
 
 
 def test_new_run_refuses_to_overwrite(trained_run, tmp_path, dataset_root, capsys):
-    path = write_config(tmp_path, dataset_root, {"name": "protonet"})
+    path = engine_config(tmp_path, dataset_root, {"name": "protonet"})
     assert main(["train", str(path), "--run-dir", str(trained_run)]) == 2
     assert "already holds a run" in capsys.readouterr().err
 
@@ -518,7 +491,7 @@ def test_query_that_is_not_an_image(trained_run, tmp_path, capsys):
 
 
 def test_dataloader_workers_train_the_same_weights(tmp_path, dataset_root):
-    path = write_config(tmp_path, dataset_root, {"name": "protonet"}, train={"steps": 3})
+    path = engine_config(tmp_path, dataset_root, {"name": "protonet"}, train={"steps": 3})
     train(load_config(str(path)), tmp_path / "main", progress=False)
     train(load_config(str(path), ["data.num_workers=2"]), tmp_path / "workers", progress=False)
     a, b = _weights(tmp_path / "main"), _weights(tmp_path / "workers")
@@ -548,7 +521,7 @@ def test_non_finite_buffer_keeps_the_last_good_checkpoint_and_resumes_at_a_lower
     tmp_path, dataset_root, monkeypatch
 ):
     schedule = {"steps": 6, "val_every": 100, "checkpoint_every": 2, "schedule": "step", "step_size": 2}
-    path = write_config(tmp_path, dataset_root, {"name": "protonet"}, train=schedule)
+    path = engine_config(tmp_path, dataset_root, {"name": "protonet"}, train=schedule)
     run = tmp_path / "run"
 
     def overflow_running_var(method) -> None:  # the loss stays finite: training uses batch statistics
@@ -580,7 +553,7 @@ def test_non_finite_buffer_keeps_the_last_good_checkpoint_and_resumes_at_a_lower
 
 
 def test_non_finite_gradient_norm_stops_before_the_optimiser_step(tmp_path, dataset_root, monkeypatch):
-    path = write_config(tmp_path, dataset_root, {"name": "protonet"}, train={"grad_clip": 5.0})
+    path = engine_config(tmp_path, dataset_root, {"name": "protonet"}, train={"grad_clip": 5.0})
 
     def infinite_gradient(method) -> None:
         next(iter(method.parameters())).register_hook(lambda g: torch.full_like(g, math.inf))
@@ -593,7 +566,7 @@ def test_non_finite_gradient_norm_stops_before_the_optimiser_step(tmp_path, data
 
 
 def test_a_new_run_starts_its_metrics_anew(tmp_path, dataset_root):
-    path = write_config(tmp_path, dataset_root, {"name": "protonet"}, train={"steps": 2})
+    path = engine_config(tmp_path, dataset_root, {"name": "protonet"}, train={"steps": 2})
     run = tmp_path / "run"
     run.mkdir()  # a run that died before its first checkpoint left its records
     (run / "metrics.jsonl").write_text('{"step": 1, "loss": 9.5}\n{"step": 2, "loss": 9.5}\n')
@@ -613,7 +586,7 @@ def test_resume_keeps_the_validation_task(tmp_path, dataset_root):
         == []
     )
 
-    path = write_config(tmp_path, dataset_root, {"name": "protonet"})
+    path = engine_config(tmp_path, dataset_root, {"name": "protonet"})
     with pytest.raises(Interrupted):
         train(load_config(str(path)), tmp_path / "run", progress=False, stop_at=2)
     with pytest.raises(RunMismatch, match=r"eval.queries: 2 in the run, 1 now\. Resume with the run's own"):
@@ -623,7 +596,7 @@ def test_resume_keeps_the_validation_task(tmp_path, dataset_root):
 
 
 def test_test_evaluation_after_a_resume_uses_the_current_eval_settings(tmp_path, dataset_root, capsys):
-    path = write_config(tmp_path, dataset_root, {"name": "protonet"}, train={"steps": 2})
+    path = engine_config(tmp_path, dataset_root, {"name": "protonet"}, train={"steps": 2})
     run = tmp_path / "run"
     assert main(["train", str(path), "--run-dir", str(run)]) == 0
     assert json.loads((run / "eval.json").read_text())["episodes"] == 6
@@ -635,7 +608,7 @@ def test_test_evaluation_after_a_resume_uses_the_current_eval_settings(tmp_path,
 def test_resume_skips_a_metrics_line_cut_short(tmp_path, dataset_root):
     from fewshot.engine.plots import learning_curve
 
-    path = write_config(tmp_path, dataset_root, {"name": "protonet"}, train={"checkpoint_every": 100})
+    path = engine_config(tmp_path, dataset_root, {"name": "protonet"}, train={"checkpoint_every": 100})
     run = tmp_path / "run"
     with pytest.raises(Interrupted):
         train(load_config(str(path)), run, progress=False, stop_at=3)
@@ -657,7 +630,7 @@ def test_data_root_is_taken_as_given(tmp_path, dataset_root, monkeypatch):
         raise FewShotError("recorded")
 
     monkeypatch.setattr(engine, "train", recorded)
-    path = write_config(tmp_path, dataset_root, {"name": "protonet"})
+    path = engine_config(tmp_path, dataset_root, {"name": "protonet"})
     roots = [f"{tmp_path}/my data #2", "2024", "null"]  # not a comment, a number or None
     for root in roots:
         assert main(["train", str(path), "--run-dir", str(tmp_path / "run"), "--data-root", root]) == 2
@@ -667,7 +640,7 @@ def test_data_root_is_taken_as_given(tmp_path, dataset_root, monkeypatch):
 def test_signal_in_the_last_step_says_training_is_complete(tmp_path, dataset_root, monkeypatch, capsys):
     from fewshot.engine.train import Trainer
 
-    path = write_config(tmp_path, dataset_root, {"name": "protonet"})
+    path = engine_config(tmp_path, dataset_root, {"name": "protonet"})
     run = tmp_path / "run"
     original = Trainer.validate
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from fixtures import image_folder
+from fixtures import engine_config, engine_dataset, image_folder
 
 from fewshot.cli import main
 from fewshot.config import from_dict
@@ -23,38 +23,6 @@ from fewshot.engine.evaluate import EvalResult
 from fewshot.engine.setup import build_experiment
 
 pytestmark = pytest.mark.slow
-
-
-def make_dataset(root: Path) -> Path:
-    """The tiny folder dataset of tests/test_engine.py's dataset_root fixture."""
-    image_folder(root / "train", {f"t{i}": 6 for i in range(6)}, size=16)
-    image_folder(root / "val", {f"v{i}": 6 for i in range(4)}, size=16)
-    image_folder(root / "test", {f"s{i}": 6 for i in range(4)}, size=16)
-    return root
-
-
-def write_config(tmp_path: Path, root: Path, method: dict, **sections) -> Path:
-    """As in tests/test_engine.py: a tiny 3-way 1-shot run on ``root``."""
-    config = {
-        "name": f"tiny-{method['name']}",
-        "data": {"dataset": f"folder:{root}", "image_size": 16},
-        "method": {"backbone": "conv4-32", **method},
-        "train_episode": {"ways": 3, "shots": 1, "queries": 2},
-        "train": {
-            "steps": 4,
-            "meta_batch": 2,
-            "val_every": 2,
-            "val_episodes": 4,
-            "checkpoint_every": 2,
-            "log_every": 1,
-        },
-        "eval": {"episodes": 6, "queries": 2, "chunk": 4},
-    }
-    for key, value in sections.items():
-        config[key].update(value)
-    path = tmp_path / f"{method['name']}.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
 
 
 SINE = {
@@ -71,11 +39,11 @@ SINE = {
 def runs(tmp_path_factory) -> dict[str, Path]:
     """Trained runs: protonet (one test episode), 3-way MAML, sinusoid MAML (eval.shots 3)."""
     tmp = tmp_path_factory.mktemp("runs")
-    root = make_dataset(tmp / "tiny")
+    root = engine_dataset(tmp / "tiny")
     small = {"train": {"steps": 2, "val_every": 2, "checkpoint_every": 2}}
     configs = {
-        "protonet": write_config(tmp, root, {"name": "protonet"}, eval={"episodes": 1}, **small),
-        "maml": write_config(tmp, root, {"name": "maml", "inner_lr": 0.1, "inner_steps": 1}, **small),
+        "protonet": engine_config(tmp, root, {"name": "protonet"}, eval={"episodes": 1}, **small),
+        "maml": engine_config(tmp, root, {"name": "maml", "inner_lr": 0.1, "inner_steps": 1}, **small),
         "sine": tmp / "sine.yaml",
     }
     configs["sine"].write_text(yaml.safe_dump(SINE))
