@@ -45,6 +45,7 @@ def plot_curve(
     title: str,
     targets: list[tuple[float, float]],
     out: Path,
+    ylabel: str = "test accuracy (%)",
 ) -> None:
     """Test accuracy (with 95% CI) against training minutes, one line per (label, points)."""
     import matplotlib
@@ -56,14 +57,14 @@ def plot_curve(
     for label, points in series:
         minutes = [p["train_s"] / 60 for p in points]
         acc = [100 * p["accuracy"] for p in points]
-        ci = [100 * p["ci95"] for p in points]
+        ci = [0.0 if p["ci95"] is None else 100 * p["ci95"] for p in points]  # None: 1-episode point
         ax.errorbar(minutes, acc, yerr=ci, marker="o", ms=3, capsize=2, label=f"{label} (test, 95% CI)")
     for minute, accuracy in targets:
         ax.plot([minute], [accuracy], "r*", ms=10)
     if targets:
         ax.plot([], [], "r*", label="target (half learn2learn's time)")
     ax.set_xlabel("training wall time (min, 2-core CPU; evaluation excluded)")
-    ax.set_ylabel("5-way test accuracy (%)")
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize="small")
@@ -71,6 +72,16 @@ def plot_curve(
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
     plt.close(fig)
+
+
+def accuracy_label(rows: list[dict]) -> str:
+    """The y axis names the episodes the rows were tested on, when they share them."""
+    settings = {(row.get("ways"), row.get("shots")) for row in rows}
+    if len(settings) == 1:
+        ways, shots = settings.pop()
+        if ways and shots:
+            return f"{ways}-way {shots}-shot test accuracy (%)"
+    return "test accuracy (%)"
 
 
 def parse_target(text: str) -> tuple[float, float]:
@@ -97,6 +108,8 @@ def main() -> None:
         parser.error(f"{len(args.label)} --label for {len(args.rows)} rows: give one per row, or none")
     rows = []
     for path in args.rows:
+        if not path.is_file():
+            sys.exit(f"{path}: no such file (give row.json files written by benchmarks/reproduce.py --curve)")
         row = json.loads(path.read_text())
         if not row.get("curve"):
             sys.exit(f"{path} has no curve: write it with benchmarks/reproduce.py ... --keep-every N --curve")
@@ -108,7 +121,7 @@ def main() -> None:
         series.append((label, points))
     presets = sorted({f"{row['preset']} ({row['batchnorm']} BatchNorm)" for row in rows})
     title = args.title or " / ".join(presets)
-    plot_curve(series, title, args.target, args.out)
+    plot_curve(series, title, args.target, args.out, accuracy_label(rows))
     print(f"wrote {args.out}")
 
 

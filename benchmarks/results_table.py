@@ -20,7 +20,7 @@ from pathlib import Path
 def command(row: dict) -> str:
     method, setting = row["preset"].split("-", 1)
     cmd = f"python benchmarks/reproduce.py {method} {setting}"
-    if row["schedule_cut"]:
+    if row["steps"] != row["preset_steps"]:  # cut or extended: either way the preset alone differs
         cmd += f" --steps {row['steps']}"
     if row["episodes"] != 1000:
         cmd += f" --episodes {row['episodes']}"
@@ -38,6 +38,8 @@ def command(row: dict) -> str:
 def verdict(row: dict) -> str:
     if row.get("published") is None:
         return "no published figure"
+    if row.get("not_comparable"):  # another dataset, image size, ways, shots or test split
+        return "not comparable (settings differ)"
     if row.get("published_split"):
         return f"not comparable (published on {row['published_split']} split)"
     if row.get("meets_published"):
@@ -51,8 +53,9 @@ def markdown(row: dict) -> str:
     if row.get("published_ci95"):
         published += f" ± {row['published_ci95']:.2f}"
     steps = f"{row['steps']:,} ({row['preset_steps']:,})"
+    ci = "n/a" if row.get("ci95") is None else f"{row['ci95']:.2f}"  # None: a 1-episode test
     return (
-        f"| {method} | {row['ways']}-way {row['shots']}-shot | {row['accuracy']:.2f} ± {row['ci95']:.2f} | "
+        f"| {method} | {row['ways']}-way {row['shots']}-shot | {row['accuracy']:.2f} ± {ci} | "
         f"{published} | {verdict(row)} | {steps} | {row['train_min']:.1f} min | {row['batchnorm']} | "
         f"{command(row)} |"
     )

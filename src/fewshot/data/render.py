@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from fewshot.data.episodes import Episode
+from fewshot.errors import FewShotError
 
 
 def _displayable(x: torch.Tensor, mean, std) -> np.ndarray:
@@ -26,6 +27,24 @@ def _displayable(x: torch.Tensor, mean, std) -> np.ndarray:
     return (x[0] if x.shape[0] == 1 else x.permute(1, 2, 0)).numpy()
 
 
+def png_path(path: str | Path) -> Path:
+    """The PNG file to write for ``path``: ``.png`` added when it has no suffix.
+
+    The caller reports the returned path, so it must be the file actually written;
+    a directory or another format would be silently renamed or fail inside matplotlib.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise FewShotError(f"{path} is a directory; give a PNG file name, e.g. {path / 'episode.png'}")
+    if not path.suffix:
+        path = path.with_name(path.name + ".png")
+    elif path.suffix.lower() != ".png":
+        raise FewShotError(f"{path}: episodes are written as PNG; give a file name ending in .png")
+    if path.is_dir():
+        raise FewShotError(f"{path} is a directory; give a PNG file name")
+    return path
+
+
 def render_episode(
     episode: Episode,
     path: str | Path,
@@ -33,7 +52,11 @@ def render_episode(
     mean: tuple[float, ...] | None = None,
     std: tuple[float, ...] | None = None,
 ) -> Path:
-    """Write ``episode`` to ``path`` (PNG) as a grid: rows are classes, support then query."""
+    """Write ``episode`` to ``path`` (PNG) as a grid: rows are classes, support then query.
+
+    Returns the file written (``path``, with ``.png`` added if it had no suffix).
+    """
+    path = png_path(path)
     n, k, q = episode.ways, episode.shots, episode.queries
     cols = k + q
     fig, axes = plt.subplots(n, cols, figsize=(1.1 * cols + 2.6, 1.1 * n + 0.6), squeeze=False)
@@ -55,8 +78,7 @@ def render_episode(
         axes[label][0].set_ylabel(f"{label}: {name}", rotation=0, ha="right", va="center", fontsize=7)
     fig.suptitle(title or f"{n}-way {k}-shot {q}-query episode", fontsize=10)
     fig.tight_layout()
-    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, format="png")
     plt.close(fig)
     return path
