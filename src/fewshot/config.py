@@ -293,8 +293,18 @@ def to_yaml(config: Config) -> str:
 
 
 def from_yaml(text: str, where: str = "") -> Config:
-    """The inverse of ``to_yaml``: the configuration a run or checkpoint recorded."""
-    return from_dict(yaml.safe_load(text) or {}, where=where)
+    """The inverse of ``to_yaml``: the configuration a run or checkpoint recorded.
+
+    Text that is no YAML mapping (a damaged file) is a ConfigError, not a parser traceback.
+    """
+    place = f" {where}" if where else ""
+    try:
+        tree = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"The config{place} is not valid YAML ({str(exc).splitlines()[0]}).") from None
+    if tree is not None and not isinstance(tree, dict):
+        raise ConfigError(f"The config{place} is a {type(tree).__name__}, not a mapping of settings.")
+    return from_dict(tree or {}, where=where)
 
 
 TRAINING_NEUTRAL = frozenset(

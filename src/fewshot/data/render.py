@@ -40,8 +40,6 @@ def png_path(path: str | Path) -> Path:
         path = path.with_name(path.name + ".png")
     elif path.suffix.lower() != ".png":
         raise FewShotError(f"{path}: episodes are written as PNG; give a file name ending in .png")
-    if path.is_dir():
-        raise FewShotError(f"{path} is a directory; give a PNG file name")
     return path
 
 

@@ -6,8 +6,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from fewshot.config import Config, from_yaml
 from fewshot.engine import checkpoint, distributed
 from fewshot.engine.checkpoint import CheckpointError
@@ -82,26 +80,11 @@ def check_ways(method: str, fixed: int | None, ways: int, found: str, fix: str) 
 
 def _config(state: dict, file: Path) -> Config:
     """The checkpoint's config, with a CheckpointError for text that is no config at all."""
-    text = state["config"]
     try:
-        tree = yaml.safe_load(text) if isinstance(text, str) else text
-    except yaml.YAMLError as exc:
-        problem = str(exc).splitlines()[0]
+        return from_yaml(state["config"], where=f"in checkpoint {file}")
+    except (FewShotError, ValueError, TypeError) as exc:  # a bad setting's message names the key itself
         raise CheckpointError(
-            f"The config in checkpoint {file} is not valid YAML ({problem}); {RETRAIN}."
-        ) from None
-    if not isinstance(tree, dict):
-        kind = "empty" if tree is None else f"a {type(tree).__name__}"
-        raise CheckpointError(
-            f"The config in checkpoint {file} is {kind}, not a mapping of settings, so the file is damaged "
-            f"or not written by fewshot; {RETRAIN}."
-        )
-    try:
-        return from_yaml(text, where=f"in checkpoint {file}")
-    except (ValueError, TypeError) as exc:  # a ConfigError (a bad setting) names the key itself
-        problem = str(exc).splitlines()[0]
-        raise CheckpointError(
-            f"The config in checkpoint {file} cannot be read ({problem}); {RETRAIN}."
+            f"{str(exc).splitlines()[0]} The file is damaged or not written by fewshot; {RETRAIN}."
         ) from None
 
 
