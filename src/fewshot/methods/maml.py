@@ -30,6 +30,7 @@ from torch import nn
 
 from fewshot.data.episodes import EpisodeBatch
 from fewshot.methods.base import Method, Predictor
+from fewshot.methods.episode_checks import check_batch, check_task
 from fewshot.methods.inner_loop import (
     BATCHNORM_MODES,
     TASKS,
@@ -50,7 +51,6 @@ from fewshot.methods.inner_loop import (
     task_loss_fn,
     vmap_tasks,
 )
-from fewshot.methods.protonet import check_batch, check_task
 from fewshot.models.norm import TaskBatchNorm, convert_batchnorm, norms_wrong_under_vmap
 
 

@@ -13,11 +13,9 @@ from torch import nn
 
 from fewshot.data.episodes import EpisodeBatch
 from fewshot.methods.base import Method
+from fewshot.methods.episode_checks import check_batch, check_query, check_task
 from fewshot.methods.protonet import (
     batchnorm_mode,
-    check_batch,
-    check_query,
-    check_task,
     classification_metrics,
     embed,
     embed_batch,

@@ -16,12 +16,10 @@ from torch import nn
 
 from fewshot.data.episodes import EpisodeBatch
 from fewshot.methods.base import Method
+from fewshot.methods.episode_checks import check_batch, check_query, check_task
 from fewshot.methods.protonet import (
     accuracy,
     batchnorm_mode,
-    check_batch,
-    check_query,
-    check_task,
     class_aggregate,
     classification_metrics,
     embed,
