@@ -180,6 +180,9 @@ def test_one_episode_interval_is_null_in_json(runs, capsys):
     assert main(["eval", str(runs["protonet"]), "--json", "--episodes", "1"]) == 0
     result = strict_json(capsys.readouterr().out)
     assert result["ci95"] is None and 0.0 <= result["accuracy"] <= 1.0
+    assert main(["eval", str(runs["protonet"]), "--episodes", "1"]) == 0
+    line = capsys.readouterr().out
+    assert "± n/a (95% CI, 1 episodes" in line and "nan" not in line
 
 
 def test_eval_result_dict_has_no_nan():

@@ -39,13 +39,17 @@ class EvalResult:
     metric: str = "accuracy"
 
     def line(self) -> str:
+        """One readable line; a single episode has no interval ("± n/a", not "± nan")."""
+        finite = math.isfinite(self.ci95)
         if self.metric == "mse":
+            ci = f"{self.ci95:.4f}" if finite else "n/a"
             return (
-                f"mse {self.accuracy:.4f} ± {self.ci95:.4f} (95% CI, {self.episodes} tasks, "
+                f"mse {self.accuracy:.4f} ± {ci} (95% CI, {self.episodes} tasks, "
                 f"{self.shots}-shot, {self.queries} query points, sinusoid, {self.method}, seed {self.seed})"
             )
+        ci = f"{100 * self.ci95:.2f}%" if finite else "n/a"
         return (
-            f"accuracy {100 * self.accuracy:.2f}% ± {100 * self.ci95:.2f}% "
+            f"accuracy {100 * self.accuracy:.2f}% ± {ci} "
             f"(95% CI, {self.episodes} episodes, "
             f"{self.ways}-way {self.shots}-shot, {self.queries} queries per class, {self.dataset} "
             f"{self.split}, {self.method}, batchnorm {self.batchnorm}, seed {self.seed})"
