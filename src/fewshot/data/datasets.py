@@ -18,7 +18,7 @@ import torch
 from fewshot.data import paths
 from fewshot.data.download import Fetch
 from fewshot.data.sources import miniimagenet, omniglot
-from fewshot.data.sources.base import IMAGE_SUFFIXES, Source, class_folders
+from fewshot.data.sources.base import Source, class_folders, is_image_file
 from fewshot.data.sources.folder import FolderSource
 from fewshot.data.store import Store, load_store
 from fewshot.data.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -340,10 +340,7 @@ def load_dataset(
 
 def _holds_images(folder: Path) -> bool:
     """Whether ``folder`` has an image file directly inside (stops at the first)."""
-    return any(
-        p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file()
-        for p in folder.iterdir()
-    )
+    return any(is_image_file(p) for p in folder.iterdir())
 
 
 def _hold(folders: list[str]) -> str:

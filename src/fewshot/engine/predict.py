@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from fewshot.data.sources.base import IMAGE_SUFFIXES, hidden, open_image
+from fewshot.data.sources.base import hidden, is_image_file, open_image
 from fewshot.data.sources.folder import FolderSource
 from fewshot.data.store import decode
 from fewshot.data.transforms import to_float
@@ -47,11 +47,7 @@ def query_files(paths: list[str]) -> list[Path]:
     out: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            out += sorted(
-                f
-                for f in p.rglob("*")
-                if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES and not hidden(f, p)
-            )
+            out += sorted(f for f in p.rglob("*") if is_image_file(f) and not hidden(f, p))
         elif p.is_file():
             out.append(p)
         else:

@@ -85,13 +85,14 @@ def open_image(fileobj: Any, where: str) -> Image.Image:
     return image
 
 
+def is_image_file(path: Path) -> bool:
+    """A visible file with an image suffix: what a class folder's items are."""
+    return not path.name.startswith(".") and path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
+
+
 def list_images(folder: Path) -> list[Path]:
     """Image files directly inside ``folder``, sorted by name, hidden files skipped."""
-    return sorted(
-        p
-        for p in folder.iterdir()
-        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
-    )
+    return sorted(p for p in folder.iterdir() if is_image_file(p))
 
 
 def class_folders(root: Path) -> list[Path]:
@@ -122,6 +123,7 @@ __all__ = [
     "class_folders",
     "file_identity",
     "hidden",
+    "is_image_file",
     "list_images",
     "open_image",
     "tree_identity",
